@@ -1,0 +1,13 @@
+"""Cityscapes (fine annotations): 19 trainId classes, crop 713; PSPNet-50, or PSPNet-101 with `configs/cityscapes.py:backbone=101`.
+
+The model is the official one (deep stem, output stride 8, pyramid bins
+1/2/3/6, aux loss 0.4 on layer3). Import the official weights with:
+  python -m pspnet_jax.convert --config=configs/cityscapes.py --workdir=DIR \\
+      --import_path=train_epoch_N.pth --format=semseg
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  return default.for_dataset('cityscapes', num_classes=19, crop_size=713, arg=arg)

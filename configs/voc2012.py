@@ -1,0 +1,13 @@
+"""PASCAL VOC 2012 (+SBD train_aug): 21 classes, crop 473; PSPNet-50, or PSPNet-101 with `configs/voc2012.py:backbone=101`.
+
+The model is the official one (deep stem, output stride 8, pyramid bins
+1/2/3/6, aux loss 0.4 on layer3). Import the official weights with:
+  python -m pspnet_jax.convert --config=configs/voc2012.py --workdir=DIR \\
+      --import_path=train_epoch_N.pth --format=semseg
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  return default.for_dataset('voc2012', num_classes=21, crop_size=473, arg=arg)

@@ -1,0 +1,39 @@
+"""Config checks every command runs at start, so a bad value fails by name before any work."""
+
+import os
+
+from pspnet_jax.models import DTYPES
+from pspnet_jax.models.resnet import BACKBONES
+
+# Which stem the ImageNet weights have; the file itself may be .pth or .safetensors.
+PRETRAINED_FORMATS = ('semseg-resnet', 'torchvision-resnet')
+
+
+def _require(condition: bool, key: str, value, expectation: str) -> None:
+  if not condition:
+    raise ValueError(f'config.{key}={value!r}: {expectation}')
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the first key whose value cannot work."""
+  data, model = config.data, config.model
+  _require(isinstance(data.num_classes, int) and data.num_classes >= 1, 'data.num_classes',
+           data.num_classes, 'must be a positive integer')
+  _require(0 <= data.ignore_label and data.ignore_label >= data.num_classes, 'data.ignore_label',
+           data.ignore_label, f'must be >= data.num_classes ({data.num_classes})')
+  _require(data.crop_size >= 33, 'data.crop_size', data.crop_size, 'must be at least 33')
+  _require(model.backbone in BACKBONES, 'model.backbone', model.backbone,
+           f'must be one of {sorted(BACKBONES)}')
+  _require(model.output_stride in (8, 16, 32), 'model.output_stride', model.output_stride,
+           'must be 8, 16 or 32')
+  _require(len(model.ppm_bins) > 0 and all(isinstance(b, int) and b >= 1 for b in model.ppm_bins),
+           'model.ppm_bins', model.ppm_bins, 'must be a non-empty tuple of positive integers')
+  _require(0.0 <= model.dropout < 1.0, 'model.dropout', model.dropout, 'must be in [0, 1)')
+  _require(model.zoom_factor in (1, 2, 4, 8), 'model.zoom_factor', model.zoom_factor,
+           'must be 1, 2, 4 or 8')
+  _require(model.aux_weight >= 0.0, 'model.aux_weight', model.aux_weight, 'must be >= 0')
+  _require(model.dtype in DTYPES, 'model.dtype', model.dtype, f'must be one of {sorted(DTYPES)}')
+  _require(model.pretrained_format in PRETRAINED_FORMATS, 'model.pretrained_format',
+           model.pretrained_format, f'must be one of {PRETRAINED_FORMATS}')
+  _require(not model.pretrained or os.path.isfile(model.pretrained), 'model.pretrained',
+           model.pretrained, 'no such file')

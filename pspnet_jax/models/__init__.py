@@ -1,0 +1,21 @@
+"""PSPNet model family: PyTorch-exact layers, dilated ResNets, PSPNet heads.
+
+Imports nothing else of pspnet_jax; `create_model` reads a config duck-typed.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from pspnet_jax.models.pspnet import PSPNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
+  """The PSPNet that `config.model` and `config.data.num_classes` describe, freshly initialized."""
+  model_config = config.model
+  return PSPNet(config.data.num_classes, backbone=model_config.backbone,
+                deep_stem=model_config.deep_stem, output_stride=model_config.output_stride,
+                use_ppm=model_config.use_ppm, ppm_bins=tuple(model_config.ppm_bins),
+                dropout=model_config.dropout, zoom_factor=model_config.zoom_factor,
+                dtype=DTYPES[model_config.dtype], rngs=rngs)

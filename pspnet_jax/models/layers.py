@@ -1,0 +1,151 @@
+"""Layers whose numerics must match PyTorch exactly: resize, adaptive pooling, BatchNorm, convolutions.
+
+Everything works on NHWC arrays. Resize and adaptive pooling are both separable
+linear maps, so they are written once as a pair of small matrices (built in
+numpy at trace time from the static shapes) applied along H and W. That gives
+exact PyTorch bin boundaries and `align_corners` semantics for any size, needs
+no gather (whose gradient is a slow scatter on TPU) and costs two small matmuls.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# PyTorch's BatchNorm defaults, used by the official PSPNet (momentum here is
+# PyTorch's: new = (1 - m) * old + m * batch, i.e. Flax momentum 0.9).
+BN_MOMENTUM = 0.1
+BN_EPSILON = 1e-5
+
+
+def _resize_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """(out_size, in_size) weights of 1-D linear interpolation, as F.interpolate computes it."""
+  dst = np.arange(out_size, dtype=np.float64)
+  if align_corners:
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = dst * scale
+  else:
+    # PyTorch (size given, no scale_factor): half-pixel centres, negatives clamped to 0.
+    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  matrix = np.zeros((out_size, in_size), np.float64)
+  np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(matrix, (np.arange(out_size), hi), frac)
+  return matrix
+
+
+def _adaptive_pool_matrix(in_size: int, bins: int) -> np.ndarray:
+  """(bins, in_size) averaging weights with PyTorch's adaptive pooling boundaries."""
+  matrix = np.zeros((bins, in_size), np.float64)
+  for i in range(bins):
+    start = (i * in_size) // bins
+    end = math.ceil((i + 1) * in_size / bins)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+  """Applies `rows` along H and `cols` along W of an NHWC array, accumulating in float32."""
+  # HIGHEST: GPUs would otherwise run float32 matmuls in TF32 and lose the exactness.
+  precision = jax.lax.Precision.HIGHEST
+  y = jnp.einsum('oh,nhwc->nowc', jnp.asarray(rows, x.dtype), x,
+                 precision=precision, preferred_element_type=jnp.float32)
+  y = jnp.einsum('pw,nowc->nopc', jnp.asarray(cols, jnp.float32), y,
+                 precision=precision, preferred_element_type=jnp.float32)
+  return y.astype(x.dtype)
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool = True) -> jax.Array:
+  """Bilinear resize of NHWC `x` to `size` (H, W), equal to F.interpolate(mode='bilinear').
+
+  Unlike `jax.image.resize` it never antialiases, and supports align_corners=True,
+  which is what the official PSPNet uses everywhere.
+  """
+  height, width = x.shape[1:3]
+  if (height, width) == tuple(size):
+    return x
+  return _apply_separable(x, _resize_matrix(height, size[0], align_corners),
+                          _resize_matrix(width, size[1], align_corners))
+
+
+def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+  """F.adaptive_avg_pool2d(x, bins) for NHWC `x` of any height and width."""
+  height, width = x.shape[1:3]
+  return _apply_separable(x, _adaptive_pool_matrix(height, bins), _adaptive_pool_matrix(width, bins))
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """nn.MaxPool2d(3, stride=2, padding=1): the ResNet stem pool, padded with -inf."""
+  return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+# semseg / torchvision initialise convolutions with kaiming_normal_(mode='fan_out').
+_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+           dilation: int = 1, use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+  """A PyTorch-style convolution: symmetric padding dilation*(k-1)/2, float32 parameters.
+
+  Flax's padding='SAME' pads stride-2 convolutions asymmetrically (more on the
+  bottom/right), which shifts every feature by half a pixel relative to PyTorch.
+  """
+  pad = dilation * (kernel_size - 1) // 2
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+                  padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
+                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=_conv_init, rngs=rngs)
+
+
+class BatchNorm(nnx.Module):
+  """nn.BatchNorm2d semantics on NHWC, synchronized wherever the batch is sharded.
+
+  Differences from `nnx.BatchNorm` that matter for matching the official model:
+  the running variance is updated with the *unbiased* batch variance (PyTorch;
+  Flax uses the biased one, 6% off for the 1x1 pyramid bin at batch 16), the
+  variance is computed in two passes (no E[x^2] - E[x]^2 cancellation), and the
+  statistics are always float32 whatever the compute dtype. The reduction runs
+  over the whole (global) batch, so under `jax.jit` with the batch sharded over
+  the mesh it is synchronized BatchNorm with no `axis_name`.
+  """
+
+  def __init__(self, num_features: int, *, dtype=jnp.float32, use_running_average: bool = False):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.dtype = dtype
+    self.use_running_average = use_running_average
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = self.mean.value, self.var.value
+    else:
+      reduce_axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axis=reduce_axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+      count = x.size // x.shape[-1]
+      unbiased_var = var * (count / max(count - 1, 1))
+      self.mean.value = ((1 - BN_MOMENTUM) * self.mean.value
+                         + BN_MOMENTUM * jax.lax.stop_gradient(mean))
+      self.var.value = ((1 - BN_MOMENTUM) * self.var.value
+                        + BN_MOMENTUM * jax.lax.stop_gradient(unbiased_var))
+    inv = self.scale.value * jax.lax.rsqrt(var + BN_EPSILON)
+    return ((x32 - mean) * inv + self.bias.value).astype(self.dtype)
+
+
+class ConvBNReLU(nnx.Module):
+  """conv (no bias) -> BatchNorm -> ReLU, the unit of the pyramid pooling and the heads."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.conv = conv2d(in_features, out_features, kernel_size, dtype=dtype, rngs=rngs)
+    self.bn = BatchNorm(out_features, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(self.bn(self.conv(x)))

@@ -1,0 +1,175 @@
+"""A PyTorch twin of the official PSPNet (hszhao/semseg model/pspnet.py + model/resnet.py).
+
+Written for the tests as an independent reference: same module structure and
+state_dict keys as the official code, built the official way (a plain ResNet
+whose layer3/layer4 convs are patched to stride 1 and dilated afterwards). It
+extends the official code only where the Flax model does: basic blocks
+(ResNet-18/34, whose two 3x3 convs are both dilated), the 7x7 stem, output
+stride 16/32, and input sizes other than 8k+1.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STAGES = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3)),
+          101: ('bottleneck', (3, 4, 23, 3)), 152: ('bottleneck', (3, 8, 36, 3))}
+
+
+def conv3x3(cin, cout, stride=1):
+  return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = conv3x3(inplanes, planes, stride)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = conv3x3(planes, planes)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.relu = nn.ReLU()
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU()
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+  """semseg's ResNet: deep_base gives conv1/conv2/conv3 (64, 64, 128), else torchvision's 7x7."""
+
+  def __init__(self, layers=50, deep_base=True):
+    super().__init__()
+    kind, sizes = STAGES[layers]
+    block = BasicBlock if kind == 'basic' else Bottleneck
+    self.deep_base = deep_base
+    if deep_base:
+      self.inplanes = 128
+      self.conv1 = conv3x3(3, 64, stride=2)
+      self.bn1 = nn.BatchNorm2d(64)
+      self.conv2 = conv3x3(64, 64)
+      self.bn2 = nn.BatchNorm2d(64)
+      self.conv3 = conv3x3(64, 128)
+      self.bn3 = nn.BatchNorm2d(128)
+    else:
+      self.inplanes = 64
+      self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+      self.bn1 = nn.BatchNorm2d(64)
+    self.relu = nn.ReLU()
+    self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+    self.layer1 = self._make_layer(block, 64, sizes[0])
+    self.layer2 = self._make_layer(block, 128, sizes[1], stride=2)
+    self.layer3 = self._make_layer(block, 256, sizes[2], stride=2)
+    self.layer4 = self._make_layer(block, 512, sizes[3], stride=2)
+
+  def _make_layer(self, block, planes, blocks, stride=1):
+    downsample = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      downsample = nn.Sequential(
+          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+          nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(self.inplanes, planes, stride, downsample)]
+    self.inplanes = planes * block.expansion
+    layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+class PPM(nn.Module):
+
+  def __init__(self, in_dim, reduction_dim, bins):
+    super().__init__()
+    self.features = nn.ModuleList([
+        nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, reduction_dim, 1, bias=False),
+                      nn.BatchNorm2d(reduction_dim), nn.ReLU()) for b in bins])
+
+  def forward(self, x):
+    size = x.shape[2:]
+    return torch.cat([x] + [F.interpolate(f(x), size, mode='bilinear', align_corners=True)
+                            for f in self.features], 1)
+
+
+def _dilate(layer, dilation):
+  """The official patch: stride 1 everywhere, every 3x3 conv dilated (and padded) by `dilation`."""
+  for name, module in layer.named_modules():
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+      module.dilation, module.padding, module.stride = (dilation,) * 2, (dilation,) * 2, (1, 1)
+    elif 'downsample.0' in name:
+      module.stride = (1, 1)
+
+
+class PSPNet(nn.Module):
+
+  def __init__(self, layers=50, bins=(1, 2, 3, 6), dropout=0.1, classes=150, zoom_factor=8,
+               use_ppm=True, deep_base=True, output_stride=8):
+    super().__init__()
+    self.zoom_factor = zoom_factor
+    self.use_ppm = use_ppm
+    resnet = ResNet(layers, deep_base)
+    if deep_base:
+      self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.conv2, resnet.bn2,
+                                  resnet.relu, resnet.conv3, resnet.bn3, resnet.relu, resnet.maxpool)
+    else:
+      self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+    self.layer1, self.layer2, self.layer3, self.layer4 = (
+        resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+    if output_stride == 8:
+      _dilate(self.layer3, 2)
+      _dilate(self.layer4, 4)
+    elif output_stride == 16:
+      _dilate(self.layer4, 2)
+    expansion = 1 if STAGES[layers][0] == 'basic' else 4
+    fea_dim = 512 * expansion
+    if use_ppm:
+      self.ppm = PPM(fea_dim, fea_dim // len(bins), bins)
+      fea_dim *= 2
+    self.cls = nn.Sequential(nn.Conv2d(fea_dim, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
+                             nn.ReLU(), nn.Dropout2d(p=dropout), nn.Conv2d(512, classes, 1))
+    self.aux = nn.Sequential(nn.Conv2d(256 * expansion, 256, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(256), nn.ReLU(), nn.Dropout2d(p=dropout),
+                             nn.Conv2d(256, classes, 1))
+
+  def forward(self, x, return_aux=False):
+    h = int((x.shape[2] - 1) / 8 * self.zoom_factor + 1)
+    w = int((x.shape[3] - 1) / 8 * self.zoom_factor + 1)
+    x = self.layer0(x)
+    x = self.layer1(x)
+    x = self.layer2(x)
+    x_tmp = self.layer3(x)
+    x = self.layer4(x_tmp)
+    if self.use_ppm:
+      x = self.ppm(x)
+    x = self.cls(x)
+    if self.zoom_factor != 1:
+      x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=True)
+    if not return_aux:
+      return x
+    aux = self.aux(x_tmp)
+    if self.zoom_factor != 1:
+      aux = F.interpolate(aux, size=(h, w), mode='bilinear', align_corners=True)
+    return x, aux
