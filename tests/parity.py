@@ -1,0 +1,62 @@
+"""Helpers that put the PyTorch twin and the Flax model side by side with the same weights."""
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+from pspnet_jax import checkpoint, convert
+from pspnet_jax.models.pspnet import PSPNet
+import torch_pspnet
+
+
+def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_ppm=True,
+               dropout=0.1, seed=0, calibration_size=97, dtype=jax.numpy.float32):
+  """A twin with random weights and randomized BatchNorm statistics, and the Flax model with them.
+
+  The statistics are first calibrated on a random batch (so activations keep
+  a sane scale through 50+ layers), then perturbed, and the BatchNorm affine
+  parameters randomized, so that eval mode really exercises every statistic.
+  """
+  torch.manual_seed(seed)
+  twin = torch_pspnet.PSPNet(depth, classes=classes, deep_base=deep_stem,
+                             output_stride=output_stride, use_ppm=use_ppm, dropout=dropout)
+  bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  for bn in bns:
+    bn.momentum = None  # cumulative average: after one batch, the batch statistics
+  twin.train()
+  with torch.no_grad():
+    twin(torch.randn(2, 3, calibration_size, calibration_size), return_aux=True)
+    for bn in bns:
+      bn.momentum = 0.1
+      std = bn.running_var.sqrt()
+      bn.running_mean += 0.2 * std * torch.randn_like(std)
+      bn.running_var *= torch.empty_like(std).uniform_(0.7, 1.3)
+      bn.weight.uniform_(0.5, 1.5)
+      bn.bias.normal_(0.0, 0.1)
+  twin.eval()
+  model = PSPNet(classes, backbone=f'resnet{depth}', deep_stem=deep_stem,
+                 output_stride=output_stride, use_ppm=use_ppm, dropout=dropout, dtype=dtype,
+                 rngs=nnx.Rngs(seed))
+  tensors = {k: v.numpy() for k, v in twin.state_dict().items()}
+  nnx.update(model, convert.from_torch_state_dict(tensors, checkpoint.model_variables(model)))
+  return twin, model
+
+
+def forward(model, images, *, return_aux=False):
+  """`model(images)` compiled; BatchNorm statistics updated in `model` when it is in train mode."""
+  return nnx.jit(lambda m, x: m(x, return_aux=return_aux))(model, images)
+
+
+def nchw(images_nhwc: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(images_nhwc, (0, 3, 1, 2))))
+
+
+def nhwc(tensor: torch.Tensor) -> np.ndarray:
+  return np.transpose(tensor.detach().numpy(), (0, 2, 3, 1))
+
+
+def max_relative_diff(actual, expected) -> float:
+  """max |actual - expected| / max |expected|."""
+  expected = np.asarray(expected, np.float64)
+  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))

@@ -1,0 +1,91 @@
+"""The PyTorch-exact layers against PyTorch itself: resize, adaptive pooling, conv padding, BatchNorm, Dropout2d."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from pspnet_jax.models import layers
+from parity import nchw, nhwc
+
+
+def _random(shape, seed=0):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('in_size,out_size', [
+    ((7, 9), (13, 17)), ((13, 17), (5, 4)), ((1, 1), (3, 5)), ((6, 5), (1, 1)), ((8, 8), (57, 57)),
+    ((60, 45), (473, 353))])
+def test_resize_matches_torch_interpolate(in_size, out_size, align_corners):
+  x = _random((2, *in_size, 3))
+  # float64 reference: PyTorch's float32 path rounds its source coordinates (2e-5 off at 60->473).
+  expected = nhwc(F.interpolate(nchw(x).double(), size=out_size, mode='bilinear',
+                                align_corners=align_corners))
+  actual = layers.resize_bilinear(jnp.asarray(x), out_size, align_corners=align_corners)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [(13, 9), (60, 60), (7, 5), (1, 3), (59, 61)])
+@pytest.mark.parametrize('bins', [1, 2, 3, 6])
+def test_adaptive_avg_pool_matches_torch_bins(size, bins):
+  x = _random((2, *size, 4))
+  expected = nhwc(F.adaptive_avg_pool2d(nchw(x), bins))
+  np.testing.assert_allclose(layers.adaptive_avg_pool(jnp.asarray(x), bins), expected,
+                             rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel,stride,dilation', [(3, 2, 1), (7, 2, 1), (3, 1, 4), (1, 2, 1),
+                                                    (3, 1, 2)])
+def test_conv_pads_symmetrically_like_torch(kernel, stride, dilation):
+  x = _random((1, 15, 12, 3))
+  conv = layers.conv2d(3, 5, kernel, stride=stride, dilation=dilation, rngs=nnx.Rngs(0))
+  weight = torch.from_numpy(np.transpose(np.asarray(conv.kernel.value), (3, 2, 0, 1)).copy())
+  expected = nhwc(F.conv2d(nchw(x), weight, stride=stride, padding=dilation * (kernel - 1) // 2,
+                           dilation=dilation))
+  np.testing.assert_allclose(conv(jnp.asarray(x)), expected, rtol=0, atol=1e-5)
+
+
+def test_max_pool_matches_torch():
+  x = _random((2, 15, 12, 3)) - 3.0  # all negative: zero padding would show
+  expected = nhwc(F.max_pool2d(nchw(x), 3, stride=2, padding=1))
+  np.testing.assert_array_equal(layers.max_pool_3x3_s2(jnp.asarray(x)), expected)
+
+
+def test_batchnorm_train_and_eval_match_torch():
+  torch_bn = torch.nn.BatchNorm2d(6)
+  with torch.no_grad():
+    torch_bn.weight.uniform_(0.5, 1.5)
+    torch_bn.bias.normal_()
+  bn = layers.BatchNorm(6)
+  bn.scale.value = jnp.asarray(torch_bn.weight.detach().numpy())
+  bn.bias.value = jnp.asarray(torch_bn.bias.detach().numpy())
+  torch_bn.train()
+  for seed in range(3):
+    # Batch of 2 at 1x1, as the PSPNet 1x1 bin sees it: the unbiased running variance shows.
+    for shape in [(2, 1, 1, 6), (3, 5, 4, 6)]:
+      x = _random(shape, seed) * 3 + 1
+      expected = nhwc(torch_bn(nchw(x)))
+      np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(bn.mean.value, torch_bn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(bn.var.value, torch_bn.running_var.numpy(), rtol=1e-6, atol=1e-6)
+  torch_bn.eval()
+  bn.use_running_average = True
+  x = _random((2, 3, 3, 6), 7)
+  np.testing.assert_allclose(bn(jnp.asarray(x)), nhwc(torch_bn(nchw(x))), rtol=0, atol=1e-5)
+
+
+def test_dropout2d_drops_whole_channels():
+  from pspnet_jax.models.pspnet import SegmentationHead
+  head = SegmentationHead(4, 64, 3, 0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 6, 5, 64))
+  dropped = head.dropout(x)
+  per_channel = np.asarray(dropped).reshape(2, 30, 64)
+  # Each (image, channel) is all zeros or all 1 / (1 - p): whole channels, like nn.Dropout2d.
+  assert np.all(per_channel.min(axis=1) == per_channel.max(axis=1))
+  assert set(np.unique(per_channel)) == {0.0, 2.0}
+  head.eval()
+  np.testing.assert_array_equal(head.dropout(x), x)
