@@ -1,0 +1,119 @@
+"""The Flax PSPNet against the PyTorch twin of the official model: sizes, logits, statistics, gradients."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from pspnet_jax import checkpoint, convert, losses
+from pspnet_jax.models.pspnet import PSPNet
+import torch_pspnet
+from parity import forward, make_twins, max_relative_diff, nchw, nhwc
+
+
+@pytest.mark.parametrize('backbone,expected_params,expected_keys', [
+    ('resnet50', 49_180_908, 370), ('resnet101', 68_173_036, 676)])
+def test_parameter_count_and_state_dict_names(backbone, expected_params, expected_keys):
+  model = nnx.eval_shape(lambda: PSPNet(150, backbone=backbone, rngs=nnx.Rngs(0)))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert sum(p.size for p in params) == expected_params
+  names = [convert.torch_name(path, convert._SEMSEG_RENAMES)
+           for path in checkpoint.flatten(checkpoint.model_variables(model).to_pure_dict())]
+  num_bn = sum(name.endswith('running_mean') for name in names)
+  assert len(names) + num_bn == expected_keys  # + num_batches_tracked per BatchNorm
+  twin_keys = torch_pspnet.PSPNet(int(backbone[6:]), classes=150).state_dict().keys()
+  assert set(names) == {k for k in twin_keys if not k.endswith('num_batches_tracked')}
+
+
+@pytest.mark.parametrize('depth,classes,size,kwargs', [
+    (50, 150, (233, 233), {}),
+    (50, 150, (200, 300), {}),  # not 8k+1: the official code refuses it, we resize to the input
+    (18, 21, (97, 129), {'output_stride': 8}),
+    (18, 21, (97, 129), {'output_stride': 16}),
+    (18, 21, (96, 80), {'output_stride': 16, 'deep_stem': False}),
+    (18, 21, (97, 97), {'use_ppm': False}),
+])
+def test_eval_logits_equal_twin(depth, classes, size, kwargs):
+  twin, model = make_twins(depth, classes, **kwargs)
+  model.eval()
+  images = np.random.RandomState(0).randn(2 if depth == 18 else 1, *size, 3).astype(np.float32)
+  with torch.no_grad():
+    expected = nhwc(twin(nchw(images)))
+  actual = np.asarray(forward(model, images))
+  assert actual.shape == expected.shape == (images.shape[0], *size, classes)
+  assert max_relative_diff(actual, expected) <= 1e-4
+
+
+def _twin_gradients(twin, images, labels, dtype):
+  twin = copy.deepcopy(twin).to(dtype)
+  logits, aux = twin(nchw(images).to(dtype), return_aux=True)
+  criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+  target = torch.from_numpy(labels)
+  (criterion(logits, target) + 0.4 * criterion(aux, target)).backward()
+  grads = {name: p.grad.double().numpy() for name, p in twin.named_parameters()}
+  return grads, logits.detach().double(), aux.detach().double(), twin.state_dict()
+
+
+def _relative_l2(actual, expected):
+  return np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize('depth,size', [(18, 97), (50, 65)])
+def test_train_mode_forward_statistics_and_gradients_equal_twin(depth, size):
+  twin, model = make_twins(depth, 21, dropout=0.0)
+  twin.train()
+  model.train()
+  rs = np.random.RandomState(1)
+  images = rs.randn(2, size, size, 3).astype(np.float32)
+  labels = rs.randint(0, 21, (2, size, size))
+  labels[:, :10] = 255
+
+  # The float64 twin is the reference; the float32 twin shows how precise float32 can be here
+  # (BatchNorm in train mode makes weight gradients a sum of nearly cancelling terms).
+  grads64, logits64, aux64, stats64 = _twin_gradients(twin, images, labels, torch.float64)
+  grads32, logits32, aux32, _ = _twin_gradients(twin, images, labels, torch.float32)
+
+  def loss_fn(module):
+    logits, aux = module(images, return_aux=True)
+    return losses.pspnet_loss(logits, aux, labels, aux_weight=0.4)[0], (logits, aux)
+
+  (_, (logits, aux)), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+  for ours, reference, torch32 in ((logits, logits64, logits32), (aux, aux64, aux32)):
+    error = max_relative_diff(ours, nhwc(reference))
+    torch_error = max_relative_diff(nhwc(torch32), nhwc(reference))
+    assert error <= max(1e-4, 2 * torch_error), (error, torch_error)
+
+  # Running statistics after one train step (unbiased variance, momentum 0.1).
+  ours = convert.to_torch_state_dict(checkpoint.model_variables(model))
+  for name, value in stats64.items():
+    if 'running' in name:
+      np.testing.assert_allclose(ours[name], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+  ours = convert.to_torch_state_dict(grads)
+  assert set(ours) == set(grads64)
+  names = sorted(grads64)
+  flat = lambda g: np.concatenate([np.ravel(g[n]) for n in names])
+  error, torch_error = (_relative_l2(flat(g), flat(grads64)) for g in (ours, grads32))
+  assert error <= 1.5 * torch_error + 1e-6, (error, torch_error)
+  for name in names:
+    assert _relative_l2(ours[name], grads64[name]) <= 0.05, name
+
+
+def test_bfloat16_compute_agrees_with_float32():
+  _, model = make_twins(50, 21)
+  model.eval()
+  model_bf16 = PSPNet(21, backbone='resnet50', dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+  nnx.update(model_bf16, checkpoint.model_variables(model))
+  model_bf16.eval()
+  # Parameters and statistics stay float32; only the compute is bfloat16.
+  assert {v.dtype for v in jax.tree.leaves(checkpoint.model_variables(model_bf16))} == {np.dtype(np.float32)}
+  images = np.random.RandomState(2).randn(1, 129, 161, 3).astype(np.float32)
+  logits32 = forward(model, images)
+  logits16 = forward(model_bf16, images)
+  assert logits16.dtype == jnp.float32
+  agreement = float(jnp.mean(jnp.argmax(logits16, -1) == jnp.argmax(logits32, -1)))
+  assert agreement >= 0.99, agreement
