@@ -1,0 +1,59 @@
+"""Config files, variants and validation: every bad value fails by its key."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from configs import default
+from pspnet_jax import configuration
+from pspnet_jax.models import create_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('name,classes,crop', [('ade20k', 150, 473), ('cityscapes', 19, 713),
+                                               ('voc2012', 21, 473)])
+def test_dataset_configs_describe_the_official_model(name, classes, crop):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  configuration.validate(config)
+  assert (config.data.name, config.data.num_classes, config.data.crop_size) == (name, classes, crop)
+  assert config.model.backbone == 'resnet50' and config.model.deep_stem
+  assert config.model.output_stride == 8 and tuple(config.model.ppm_bins) == (1, 2, 3, 6)
+  assert config.model.aux_weight == 0.4 and config.data.ignore_label == 255
+  deeper = importlib.import_module(f'configs.{name}').get_config('backbone=101')
+  assert deeper.model.backbone == 'resnet101'
+  model = nnx.eval_shape(lambda: create_model(deeper, rngs=nnx.Rngs(0)))
+  assert model.cls.classifier.kernel.value.shape == (1, 1, 512, classes)
+
+
+@pytest.mark.parametrize('arg,message', [('backbone=77', 'backbone=77'), ('depth=50', 'depth'),
+                                         ('backbone', 'not key=value')])
+def test_bad_variants_are_named(arg, message):
+  with pytest.raises(ValueError, match=message):
+    default.for_dataset('ade20k', 150, 473, arg)
+
+
+@pytest.mark.parametrize('key,value', [
+    ('model.backbone', 'resnet51'), ('model.output_stride', 4), ('model.dtype', 'float16'),
+    ('model.dropout', 1.5), ('data.num_classes', 0), ('data.ignore_label', 100),
+    ('model.ppm_bins', ()), ('model.pretrained', '/nonexistent/resnet50.pth'),
+    ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3)])
+def test_validation_names_the_bad_key(key, value):
+  config = default.get_config()
+  section, field = key.split('.')
+  config[section][field] = value
+  with pytest.raises(ValueError, match=f'config.{key}='):
+    configuration.validate(config)
+
+
+def test_command_line_override_is_validated():
+  result = subprocess.run(
+      [sys.executable, '-m', 'pspnet_jax.convert', '--config=configs/ade20k.py',
+       '--config.model.output_stride=4', '--workdir=/tmp/unused', '--export_path=/tmp/x.pth'],
+      cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert 'config.model.output_stride=4' in result.stderr
