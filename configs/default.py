@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32).
   config.model.dtype = 'float32'
   # ImageNet backbone weights to start from ('' = random init), read by
-  # pspnet_jax.convert.load_pretrained_backbone: a .pth or .safetensors file.
+  # pspnet_jax.convert.init_model at the start of training: a .pth or .safetensors file.
   config.model.pretrained = ''
   # Layout of model.pretrained: semseg-resnet (deep stem, semseg's resnet50_v2.pth)
   # or torchvision-resnet (7x7 stem, torchvision's resnet50-*.pth).

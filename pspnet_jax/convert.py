@@ -216,6 +216,15 @@ def load_pretrained_backbone(model: nnx.Module, path: str, fmt: str) -> None:
                                           source=f'{path} ({fmt})'))
 
 
+def init_model(config, *, rngs: nnx.Rngs) -> nnx.Module:
+  """A fresh model for training: random init, backbone from `config.model.pretrained` when set."""
+  model = create_model(config, rngs=rngs)
+  if config.model.pretrained:
+    _check_stem(config, config.model.pretrained_format)
+    load_pretrained_backbone(model, config.model.pretrained, config.model.pretrained_format)
+  return model
+
+
 def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   """Writes the weights of `path` as checkpoint 0 of `workdir`; returns the checkpoint path."""
   existing = checkpoint.all_steps(workdir)

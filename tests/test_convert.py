@@ -86,9 +86,11 @@ def test_backbone_import_sets_backbone_and_leaves_heads(tmp_path, fmt, deep_stem
   state_dict['fc.bias'] = torch.randn(1000)
   torch.save(state_dict, tmp_path / 'resnet.pth')
   config = _small_config(deep_stem=deep_stem)
-  model = create_model(config, rngs=nnx.Rngs(0))
-  before = convert.to_torch_state_dict(checkpoint.model_variables(model))
-  convert.load_pretrained_backbone(model, str(tmp_path / 'resnet.pth'), fmt)
+  before = convert.to_torch_state_dict(
+      checkpoint.model_variables(convert.init_model(config, rngs=nnx.Rngs(0))))
+  config.model.pretrained = str(tmp_path / 'resnet.pth')
+  config.model.pretrained_format = fmt
+  model = convert.init_model(config, rngs=nnx.Rngs(0))
   after = convert.to_torch_state_dict(checkpoint.model_variables(model))
   stem = {'conv1.': 'layer0.0.', 'bn1.': 'layer0.1.', 'conv2.': 'layer0.3.', 'bn2.': 'layer0.4.',
           'conv3.': 'layer0.6.', 'bn3.': 'layer0.7.'}
