@@ -52,6 +52,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Layout of model.pretrained: semseg-resnet (deep stem, semseg's resnet50_v2.pth)
   # or torchvision-resnet (7x7 stem, torchvision's resnet50-*.pth).
   config.model.pretrained_format = 'semseg-resnet'
+
+  config.optim = ml_collections.ConfigDict()
+  # Learning rate of the backbone (layer0..layer4) at step 0; poly-decayed to 0.
+  config.optim.base_lr = 0.01
+  # The pyramid pooling and both heads learn this many times faster.
+  config.optim.head_lr_mult = 10.0
+  # Added to the gradient before momentum (PyTorch SGD), on every parameter.
+  config.optim.weight_decay = 1e-4
+  # SGD momentum (no dampening, no Nesterov).
+  config.optim.momentum = 0.9
+  # Exponent of the poly decay: lr(k) = base_lr * (1 - k / num_steps) ** power.
+  config.optim.power = 0.9
   return config
 
 

@@ -35,5 +35,10 @@ def validate(config) -> None:
   _require(model.dtype in DTYPES, 'model.dtype', model.dtype, f'must be one of {sorted(DTYPES)}')
   _require(model.pretrained_format in PRETRAINED_FORMATS, 'model.pretrained_format',
            model.pretrained_format, f'must be one of {PRETRAINED_FORMATS}')
+  optim = config.optim
+  for key in ('base_lr', 'head_lr_mult', 'weight_decay'):
+    _require(optim[key] >= 0, f'optim.{key}', optim[key], 'must be >= 0')
+  _require(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum, 'must be in [0, 1)')
+  _require(optim.power > 0, 'optim.power', optim.power, 'must be > 0')
   _require(not model.pretrained or os.path.isfile(model.pretrained), 'model.pretrained',
            model.pretrained, 'no such file')

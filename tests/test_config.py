@@ -27,7 +27,7 @@ def test_dataset_configs_describe_the_official_model(name, classes, crop):
   deeper = importlib.import_module(f'configs.{name}').get_config('backbone=101')
   assert deeper.model.backbone == 'resnet101'
   model = nnx.eval_shape(lambda: create_model(deeper, rngs=nnx.Rngs(0)))
-  assert model.cls.classifier.kernel.value.shape == (1, 1, 512, classes)
+  assert model.cls.classifier.kernel.shape == (1, 1, 512, classes)
 
 
 @pytest.mark.parametrize('arg,message', [('backbone=77', 'backbone=77'), ('depth=50', 'depth'),

@@ -43,7 +43,7 @@ def test_adaptive_avg_pool_matches_torch_bins(size, bins):
 def test_conv_pads_symmetrically_like_torch(kernel, stride, dilation):
   x = _random((1, 15, 12, 3))
   conv = layers.conv2d(3, 5, kernel, stride=stride, dilation=dilation, rngs=nnx.Rngs(0))
-  weight = torch.from_numpy(np.transpose(np.asarray(conv.kernel.value), (3, 2, 0, 1)).copy())
+  weight = torch.from_numpy(np.transpose(np.asarray(conv.kernel.get_value()), (3, 2, 0, 1)).copy())
   expected = nhwc(F.conv2d(nchw(x), weight, stride=stride, padding=dilation * (kernel - 1) // 2,
                            dilation=dilation))
   np.testing.assert_allclose(conv(jnp.asarray(x)), expected, rtol=0, atol=1e-5)
@@ -61,8 +61,8 @@ def test_batchnorm_train_and_eval_match_torch():
     torch_bn.weight.uniform_(0.5, 1.5)
     torch_bn.bias.normal_()
   bn = layers.BatchNorm(6)
-  bn.scale.value = jnp.asarray(torch_bn.weight.detach().numpy())
-  bn.bias.value = jnp.asarray(torch_bn.bias.detach().numpy())
+  bn.scale.set_value(jnp.asarray(torch_bn.weight.detach().numpy()))
+  bn.bias.set_value(jnp.asarray(torch_bn.bias.detach().numpy()))
   torch_bn.train()
   for seed in range(3):
     # Batch of 2 at 1x1, as the PSPNet 1x1 bin sees it: the unbiased running variance shows.
@@ -70,8 +70,8 @@ def test_batchnorm_train_and_eval_match_torch():
       x = _random(shape, seed) * 3 + 1
       expected = nhwc(torch_bn(nchw(x)))
       np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=0, atol=1e-5)
-  np.testing.assert_allclose(bn.mean.value, torch_bn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(bn.var.value, torch_bn.running_var.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(bn.mean.get_value(), torch_bn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(bn.var.get_value(), torch_bn.running_var.numpy(), rtol=1e-6, atol=1e-6)
   torch_bn.eval()
   bn.use_running_average = True
   x = _random((2, 3, 3, 6), 7)

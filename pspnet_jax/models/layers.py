@@ -124,19 +124,19 @@ class BatchNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.mean.value, self.var.value
+      mean, var = self.mean.get_value(), self.var.get_value()
     else:
       reduce_axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axis=reduce_axes)
       var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
       count = x.size // x.shape[-1]
       unbiased_var = var * (count / max(count - 1, 1))
-      self.mean.value = ((1 - BN_MOMENTUM) * self.mean.value
-                         + BN_MOMENTUM * jax.lax.stop_gradient(mean))
-      self.var.value = ((1 - BN_MOMENTUM) * self.var.value
-                        + BN_MOMENTUM * jax.lax.stop_gradient(unbiased_var))
-    inv = self.scale.value * jax.lax.rsqrt(var + BN_EPSILON)
-    return ((x32 - mean) * inv + self.bias.value).astype(self.dtype)
+      self.mean.set_value((1 - BN_MOMENTUM) * self.mean.get_value()
+                          + BN_MOMENTUM * jax.lax.stop_gradient(mean))
+      self.var.set_value((1 - BN_MOMENTUM) * self.var.get_value()
+                         + BN_MOMENTUM * jax.lax.stop_gradient(unbiased_var))
+    inv = self.scale.get_value() * jax.lax.rsqrt(var + BN_EPSILON)
+    return ((x32 - mean) * inv + self.bias.get_value()).astype(self.dtype)
 
 
 class ConvBNReLU(nnx.Module):
