@@ -130,9 +130,9 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
     return jnp.array(_from_torch_array(tensor), jnp.float32)
 
   pure = jax.tree_util.tree_map_with_path(replace, variables.to_pure_dict())
-  ignored = (_BATCHES_TRACKED,) + (('fc.',) if backbone_only else ())
+  ignored_prefixes = ('fc.',) if backbone_only else ()  # the ImageNet classifier
   unexpected = [key for key in tensors if key not in used
-                and not key.endswith(_BATCHES_TRACKED) and not key.startswith(ignored)]
+                and not key.endswith(_BATCHES_TRACKED) and not key.startswith(ignored_prefixes)]
   problems += [f'{key}: unexpected (the model has no such parameter)' for key in sorted(unexpected)]
   if problems:
     raise ValueError(_format_problems(f'{source} do not fit the model of the config '
