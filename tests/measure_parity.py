@@ -8,7 +8,7 @@ sys.path.insert(0, 'tests')
 import conftest  # 8 CPU devices, tests folder importable
 import numpy as np, torch, jax.numpy as jnp
 from flax import nnx
-from parity import *
+from parity import forward, make_twins, max_relative_diff, nchw, nhwc
 from pspnet_jax import checkpoint
 from pspnet_jax.models.pspnet import PSPNet
 for depth, classes, size, kw in [(50,150,(233,233),{}),(50,150,(200,300),{}),(18,21,(97,129),{'output_stride':8}),(18,21,(97,129),{'output_stride':16})]:
