@@ -201,15 +201,12 @@ def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch:
                                              for key, value in state_dict.items()}}, path)
 
 
-def _check_stem(config, fmt: str) -> None:
-  wants_deep = fmt == 'semseg-resnet'
-  if config.model.deep_stem != wants_deep:
-    raise ValueError(f'--format={fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
-                     f'config.model.deep_stem={config.model.deep_stem}')
-
-
 def load_pretrained_backbone(model: nnx.Module, path: str, fmt: str) -> None:
   """Initializes layer0..layer4 of `model` in place from ImageNet ResNet weights; heads untouched."""
+  wants_deep = fmt == 'semseg-resnet'
+  if model.layer0.deep != wants_deep:
+    raise ValueError(f'{path}: format {fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
+                     f'the model has config.model.deep_stem={model.layer0.deep}')
   tensors, _ = read_tensors(path)
   variables = checkpoint.model_variables(model)
   nnx.update(model, from_torch_state_dict(tensors, variables, backbone_only=True,
@@ -220,7 +217,6 @@ def init_model(config, *, rngs: nnx.Rngs) -> nnx.Module:
   """A fresh model for training: random init, backbone from `config.model.pretrained` when set."""
   model = create_model(config, rngs=rngs)
   if config.model.pretrained:
-    _check_stem(config, config.model.pretrained_format)
     load_pretrained_backbone(model, config.model.pretrained, config.model.pretrained_format)
   return model
 
@@ -234,7 +230,6 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   model = create_model(config, rngs=nnx.Rngs(config.seed))
   meta = {'source': os.path.abspath(path), 'format': fmt}
   if fmt in ('semseg-resnet', 'torchvision-resnet'):
-    _check_stem(config, fmt)
     load_pretrained_backbone(model, path, fmt)
   else:
     tensors, extras = read_tensors(path)
