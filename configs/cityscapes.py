@@ -10,4 +10,5 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  return default.for_dataset('cityscapes', num_classes=19, crop_size=713, arg=arg)
+  return default.for_dataset('cityscapes', num_classes=19, crop_size=713, num_epochs=200,
+                             base_size=2048, arg=arg)

@@ -12,11 +12,11 @@ BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # Seeds parameter initialization (and, later, data order and dropout).
+  # Seeds parameter initialization, data order, augmentation and dropout.
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # Dataset name: ade20k | cityscapes | voc2012 (and synthetic, own folders, later).
+  # Dataset name: synthetic | ade20k | cityscapes | voc2012 (own folders: next issue).
   config.data.name = 'ade20k'
   # TFDS data directory; None uses TFDS's default (~/tensorflow_datasets).
   config.data.data_dir = ml_collections.config_dict.placeholder(str)
@@ -26,6 +26,38 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 150
   # Label value that is ignored by the loss and the metrics.
   config.data.ignore_label = 255
+  # TFDS splits for training and for the periodic evaluation.
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  # Grain worker processes per host for augmentation (0: in the training process).
+  config.data.worker_count = 0
+  # Batches each worker prepares ahead of the training step.
+  config.data.prefetch = 2
+  # Normalization, RGB order: (pixel - mean) / std; the ImageNet statistics times 255.
+  config.data.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+  config.data.std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+  # The semseg training augmentation, in this order: scale, rotate, blur, flip, crop.
+  config.data.augment = ml_collections.ConfigDict()
+  # RandScale: a uniform factor in [scale_min, scale_max] for both sides (cv2 linear / nearest).
+  config.data.augment.scale_min = 0.5
+  config.data.augment.scale_max = 2.0
+  # RandRotate: an angle uniform in [-rotate_degrees, rotate_degrees] with probability
+  # rotate_prob, around the centre; image border = mean, label border = ignore_label.
+  config.data.augment.rotate_degrees = 10.0
+  config.data.augment.rotate_prob = 0.5
+  # RandomGaussianBlur: 5x5 kernel with probability blur_prob.
+  config.data.augment.blur_prob = 0.5
+  # RandomHorizontalFlip probability.
+  config.data.augment.flip_prob = 0.5
+
+  # The synthetic context dataset (data.name = 'synthetic'); built on first use.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_train = 400
+  config.data.synthetic.num_validation = 100
+  # Image sides are drawn uniformly from [min_size, max_size].
+  config.data.synthetic.min_size = 129
+  config.data.synthetic.max_size = 257
 
   config.model = ml_collections.ConfigDict()
   # Backbone: resnet18 | resnet34 | resnet50 | resnet101 | resnet152.
@@ -64,6 +96,33 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   # Exponent of the poly decay: lr(k) = base_lr * (1 - k / num_steps) ** power.
   config.optim.power = 0.9
+
+  config.train = ml_collections.ConfigDict()
+  # Global batch size over all devices of all hosts (semseg: 16).
+  config.train.batch_size = 16
+  # Length of the run in steps; when 0, num_epochs * (train examples // batch_size).
+  config.train.num_steps = 0
+  config.train.num_epochs = 100
+  # Console / TensorBoard / metrics.jsonl every log_every steps.
+  config.train.log_every = 50
+  # Checkpoint every checkpoint_every steps (and always at the end).
+  config.train.checkpoint_every = 1000
+  # Evaluate on data.eval_split every eval_every steps (and at the end); 0: only at the end.
+  config.train.eval_every = 5000
+  # Stop after this many consecutive steps with a non-finite loss (each is skipped).
+  config.train.max_nonfinite_steps = 10
+
+  config.eval = ml_collections.ConfigDict()
+  # whole: the image resized so its long side is data.crop_size, padded to the crop, one
+  # forward pass (the periodic evaluation during training); slide: the semseg protocol.
+  config.eval.protocol = 'whole'
+  # slide: the long side is resized to scale * base_size, windows of crop_size.
+  config.eval.base_size = 512
+  config.eval.crop_size = 473
+  config.eval.scales = (1.0,)
+  config.eval.flip = True
+  # Global evaluation batch size (padded with ignored images at the end of the split).
+  config.eval.batch_size = 16
   return config
 
 
@@ -80,13 +139,16 @@ def parse_variant(arg: str | None) -> dict:
   return variant
 
 
-def for_dataset(name: str, num_classes: int, crop_size: int,
+def for_dataset(name: str, num_classes: int, crop_size: int, num_epochs: int, base_size: int,
                 arg: str | None) -> ml_collections.ConfigDict:
-  """The schema's defaults for dataset `name`, with the `backbone=<depth>` variant from `arg`."""
+  """semseg's recipe for dataset `name`, with the `backbone=<depth>` variant from `arg`."""
   config = get_config()
   config.data.name = name
   config.data.num_classes = num_classes
   config.data.crop_size = crop_size
+  config.train.num_epochs = num_epochs
+  config.eval.crop_size = crop_size
+  config.eval.base_size = base_size
   variant = parse_variant(arg)
   depth = variant.pop('backbone', None)
   if variant:

@@ -34,7 +34,7 @@ def test_dataset_configs_describe_the_official_model(name, classes, crop):
                                          ('backbone', 'not key=value')])
 def test_bad_variants_are_named(arg, message):
   with pytest.raises(ValueError, match=message):
-    default.for_dataset('ade20k', 150, 473, arg)
+    default.for_dataset('ade20k', 150, 473, 100, 512, arg)
 
 
 @pytest.mark.parametrize('key,value', [
