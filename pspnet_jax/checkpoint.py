@@ -2,8 +2,11 @@
 
 A checkpoint is a folder `WORKDIR/checkpoints/<step>/` with named items:
 `model` (the model's parameters and BatchNorm statistics as a nested dict,
-float32) and `meta` (JSON: where the weights came from, the config). Training
-adds its own items (optimizer, data iterator) next to these.
+float32) and `meta` (JSON: where the weights came from, the config, the step
+counters). Training adds `opt` (the optimizer state) and `data` (the Grain
+iterator state of every process), so a restart continues exactly where the run
+stopped; a checkpoint without them (an imported one) starts the optimizer and
+the data order afresh from its weights.
 Before restoring, the stored shapes are compared with the ones the config
 builds, so a checkpoint of another model fails with the parameter's name
 instead of an orbax stack trace.
@@ -11,9 +14,14 @@ instead of an orbax stack trace.
 
 import os
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+# Key of the eval metric that decides which checkpoint is the best one.
+BEST_METRIC = 'eval/mIoU'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -35,10 +43,12 @@ def flatten(tree) -> dict:
   return {dotted_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _manager(workdir: str) -> ocp.CheckpointManager:
+def _manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None
+             ) -> ocp.CheckpointManager:
   # Handlers named up front so that item metadata (shapes) can be read before any restore.
-  return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers={
-      'model': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
 
 
 def all_steps(workdir: str) -> list[int]:
@@ -72,6 +82,13 @@ def _check_shapes(stored_metadata, expected: dict, where: str) -> None:
                      f'(check model.backbone, model.use_ppm, data.num_classes):\n  {shown}{more}')
 
 
+def _abstract(tree):
+  """The restore target of a tree of arrays: shapes, dtypes and shardings, no data."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+      tree)
+
+
 def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None = None):
   """Restores checkpoint `step` (default: the latest) into the structure of `abstract_variables`.
 
@@ -85,8 +102,7 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
     elif step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
                               f'there are {list(manager.all_steps())}')
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          abstract_variables.to_pure_dict())
+    target = _abstract(abstract_variables.to_pure_dict())
     where = f'checkpoint {os.path.join(checkpoint_dir(workdir), str(step))}'
     _check_shapes(manager.item_metadata(step)['model'], target, where)
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -94,3 +110,66 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
   variables = nnx.State(abstract_variables)
   nnx.replace_by_pure_dict(variables, restored['model'])
   return variables, step, restored['meta']
+
+
+class TrainCheckpointer:
+  """Checkpoints of a training run: asynchronous saves, the latest and the best kept.
+
+  Orbax writes in the background after copying the arrays off the devices, so
+  training goes on while the files are written; every save is atomic (a
+  half-written step is never listed). Kept: the latest checkpoint and the one
+  with the highest `eval/mIoU` (a policy of both; `max_to_keep` with a
+  `best_fn` alone would delete the latest).
+  """
+
+  def __init__(self, workdir: str):
+    policy = preservation_policy.AnyPreservationPolicy([
+        preservation_policy.LatestN(n=1),
+        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+                                  keep_checkpoints_without_metrics=False)])
+    self.workdir = workdir
+    self._manager = _manager(workdir, ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when the platform announced a preemption (all processes agree on `step`)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, variables: nnx.State, opt_state, data_iterator, meta: dict,
+           metrics: dict | None = None) -> None:
+    """Starts writing checkpoint `step`; `metrics` (with BEST_METRIC) marks eval checkpoints."""
+    self._manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(variables.to_pure_dict()),
+        opt=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+  def restore(self, step: int, variables: nnx.State, opt_state, data_iterator):
+    """Restores checkpoint `step` into the shapes and shardings of `variables` and `opt_state`.
+
+    Returns (variables, opt_state or None, meta); `data_iterator` is advanced in
+    place. A checkpoint with only weights (written by `convert`) returns None
+    for the optimizer and leaves the iterator at the start.
+    """
+    stored = self._manager.item_metadata(step)
+    where = f'checkpoint {os.path.join(checkpoint_dir(self.workdir), str(step))}'
+    target = _abstract(variables.to_pure_dict())
+    _check_shapes(stored['model'], target, where)
+    items = {'model': ocp.args.StandardRestore(target), 'meta': ocp.args.JsonRestore()}
+    complete = stored.get('opt') is not None
+    if complete:
+      items['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    variables = nnx.State(variables)
+    nnx.replace_by_pure_dict(variables, restored['model'])
+    return variables, restored['opt'] if complete else None, restored['meta']
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,44 @@
+"""Trains PSPNet with periodic evaluation; restarting the same command resumes.
+
+  python -m pspnet_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m pspnet_jax.main --config=configs/ade20k.py --workdir=runs/ade20k \\
+      --config.train.batch_size=8
+
+On several hosts every process runs the same command; with
+`--coordinator_address` (or inside a Cloud TPU / SLURM job, detected by
+`--distributed`) jax.distributed connects them first.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, logs.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection '
+    '(Cloud TPU, SLURM); implied by --coordinator_address.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a hand-started multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors do not pay for importing JAX and TF.
+  import jax  # pylint: disable=import-outside-toplevel
+  from pspnet_jax import train  # pylint: disable=import-outside-toplevel
+
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,424 @@
+"""Training with periodic evaluation: `train_and_evaluate(config, workdir)`.
+
+The step is a pure function of (TrainState, global batch) under `jax.jit`
+with explicit shardings: the state replicated, the batch split over the
+`data` axis of one mesh spanning every device of every process, the old state
+donated. BatchNorm therefore normalizes over the global batch (synchronized
+BatchNorm) without any collective written here.
+
+Time is counted in steps. The k-th step (0-based) uses the learning rate of
+`optim.poly_schedule` at k and the dropout key fold_in(seed, k); together with
+the Grain iterator state in the checkpoint this makes a restarted run take
+exactly the steps an uninterrupted one would, bit for bit on the same mesh.
+
+A step whose loss or gradient is not finite is skipped as a whole (parameters,
+optimizer state and BatchNorm statistics keep their old values, the learning
+rate schedule does not advance) and counted; `train.max_nonfinite_steps`
+consecutive skips stop the run, leaving the last checkpoint as it was.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import nnx
+
+from pspnet_jax import checkpoint, configuration, losses, metrics, optim, sharding
+from pspnet_jax.convert import init_model
+from pspnet_jax.data import pipeline, synthetic
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # steps taken (batches consumed), int32
+  applied_steps: jax.Array   # steps whose update was applied (the optimizer's clock), int32
+  params: nnx.State
+  batch_stats: nnx.State
+  opt_state: optax.OptState
+  rngs: nnx.State            # the dropout streams; reseeded from (seed, step) every step
+
+
+def num_train_steps(config, num_examples: int) -> int:
+  """train.num_steps, or num_epochs full batches per epoch (semseg: drop_last=True)."""
+  if config.train.num_steps > 0:
+    return config.train.num_steps
+  steps_per_epoch = num_examples // config.train.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                     f'{num_examples} training examples')
+  return config.train.num_epochs * steps_per_epoch
+
+
+def validate(config) -> None:
+  """The model checks plus what training needs."""
+  configuration.validate(config)
+  train = config.train
+  for key in ('batch_size', 'log_every', 'checkpoint_every', 'max_nonfinite_steps'):
+    if not train[key] >= 1:
+      raise ValueError(f'config.train.{key}={train[key]!r}: must be >= 1')
+  if train.num_steps <= 0 and train.num_epochs <= 0:
+    raise ValueError(f'config.train.num_epochs={train.num_epochs!r}: must be >= 1 when '
+                     f'train.num_steps is 0')
+  if config.model.zoom_factor != 8:
+    raise ValueError(f'config.model.zoom_factor={config.model.zoom_factor!r}: training compares '
+                     f'logits with labels at the input size, which needs 8')
+
+
+def create_train_state(config, num_steps: int):
+  """A fresh (or pretrained-backbone) model as TrainState.
+
+  Returns (state, train graphdef, eval graphdef, optimizer); the graphdefs
+  differ in the BatchNorm / dropout mode, which NNX keeps in the graph.
+  """
+  model = init_model(config, rngs=nnx.Rngs(config.seed))
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  model.train()
+  graphdef, params, batch_stats, rngs = nnx.split(model, nnx.Param, nnx.BatchStat, nnx.RngState)
+  tx = optim.create_optimizer(config.optim, num_steps)
+  state = TrainState(step=jnp.zeros((), jnp.int32), applied_steps=jnp.zeros((), jnp.int32),
+                     params=params, batch_stats=batch_stats, opt_state=tx.init(params), rngs=rngs)
+  return state, graphdef, eval_graphdef, tx
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: dict,
+               aux_weight: float, ignore_label: int, seed: int):
+  """One SGD step on a (global) batch {'image' NHWC float32, 'label' NHW int32}.
+
+  Returns (new state, metrics of this step as scalars).
+  """
+  labels = batch['label']
+
+  def loss_fn(params):
+    # copy=True: fresh Variables at this trace level (NNX refuses to mutate ones from outside).
+    model = nnx.merge(graphdef, params, state.batch_stats, state.rngs, copy=True)
+    nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state.step))
+    logits, aux_logits = model(batch['image'], return_aux=True)
+    loss, parts = losses.pspnet_loss(logits, aux_logits, labels, aux_weight=aux_weight,
+                                     ignore_label=ignore_label)
+    return loss, (parts, logits, nnx.state(model, nnx.BatchStat))
+
+  (loss, (parts, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  keep_if_finite = functools.partial(
+      jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = state.replace(
+      step=state.step + 1,
+      applied_steps=state.applied_steps + finite.astype(jnp.int32),
+      params=keep_if_finite(params, state.params),
+      batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+      opt_state=keep_if_finite(opt_state, state.opt_state))
+
+  valid = labels != ignore_label
+  correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+  step_metrics = {'loss': loss, **parts, 'finite': finite,
+                  'pixel_acc': correct / jnp.maximum(jnp.sum(valid), 1)}
+  for group, schedule in learning_rates.items():
+    step_metrics[f'lr_{group}'] = schedule(state.applied_steps)
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, graphdef, num_classes: int, ignore_label: int):
+  """Confusion matrix of the eval-mode model's argmax on a (global) batch."""
+  model = nnx.merge(graphdef, state.params, state.batch_stats, state.rngs)
+  predictions = jnp.argmax(model(batch['image']), axis=-1)
+  return metrics.confusion_matrix(predictions, batch['label'], num_classes, ignore_label)
+
+
+def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
+  """train_step under jit: state replicated and donated, batch sharded over `data`."""
+  step_fn = functools.partial(
+      train_step, graphdef=graphdef, tx=tx,
+      learning_rates=optim.learning_rates(config.optim, num_steps),
+      aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
+      seed=config.seed)
+  return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def jit_eval_step(mesh, *, graphdef, config):
+  step_fn = functools.partial(eval_step, graphdef=graphdef, num_classes=config.data.num_classes,
+                              ignore_label=config.data.ignore_label)
+  return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def evaluate(eval_fn, state: TrainState, config, mesh) -> dict:
+  """Dataset-level metrics of `config.data.eval_split` (see metrics.segmentation_metrics)."""
+  num_classes = config.data.num_classes
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for batch in pipeline.eval_batches(config):
+    # Padding examples carry only ignore labels, so they add nothing to the counts.
+    del batch['valid']
+    confusion += np.asarray(eval_fn(state, sharding.to_global(batch, mesh)), np.int64)
+  return metrics.segmentation_metrics(confusion)
+
+
+def class_names(config) -> list[str]:
+  if config.data.name == 'synthetic':
+    return list(synthetic.CLASS_NAMES)
+  return [f'class_{index}' for index in range(config.data.num_classes)]
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per write_scalars call to WORKDIR/metrics.jsonl."""
+
+  def __init__(self, path: str):
+    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step, scalars):
+    row = {'step': int(step), **{key: float(value) for key, value in scalars.items()}}
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def _create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + metrics.jsonl + console on process 0; console only elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+
+
+class _StopRequest:
+  """SIGTERM sets a flag that the loop reads between steps (single-process runs).
+
+  With several processes, jax.distributed's preemption sync manager owns
+  SIGTERM and orbax's `reached_preemption` makes every process stop at the
+  same step, so no handler is installed there.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('signal %d: saving a checkpoint after this step, then exiting', signum)
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
+  """The summary logged before step 1: devices, parameters, compiled memory and FLOPs."""
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('devices: %d (%s) in %d process(es); mesh %s', mesh.devices.size,
+               jax.devices()[0].device_kind, jax.process_count(), dict(mesh.shape))
+  logging.info('model: %s, %s parameters, global batch %d of %dx%d, compute %s',
+               config.model.backbone, f'{num_params:,}', config.train.batch_size,
+               config.data.crop_size, config.data.crop_size, config.model.dtype)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info('train step memory per device: arguments %.1f MiB, outputs %.1f MiB, '
+                 'temporaries %.1f MiB', memory.argument_size_in_bytes / 2**20,
+                 memory.output_size_in_bytes / 2**20, memory.temp_size_in_bytes / 2**20)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and 'flops' in cost:
+    logging.info('train step: %.3g FLOPs per device per step', cost['flops'])
+
+
+def _write_eval(writer, step: int, results: dict, names: list[str], per_class: bool) -> None:
+  row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
+  if per_class:
+    for name, iou in zip(names, results['IoU']):
+      if not np.isnan(iou):
+        row[f'eval/IoU/{name}'] = iou
+    table = '\n'.join(f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
+                      in enumerate(zip(names, results['IoU'], results['acc'])))
+    logging.info('per-class results at step %d:\n%s', step, table)
+  writer.write_scalars(step, row)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from WORKDIR/checkpoints when there are any) and evaluates.
+
+  Returns the last evaluation's metrics, or {} when the run was stopped by a
+  signal or preemption before its end.
+  """
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json(indent=2))
+  mesh = sharding.make_mesh()
+  sharding.local_batch_size(config.train.batch_size, mesh)
+  sharding.local_batch_size(config.eval.batch_size, mesh)
+  num_steps = num_train_steps(config, pipeline.num_examples(config, config.data.train_split))
+  data_iterator = iter(pipeline.train_loader(config))
+
+  state, graphdef, eval_graphdef, tx = create_train_state(config, num_steps)
+  state = sharding.replicate(state, mesh)
+  checkpointer = checkpoint.TrainCheckpointer(workdir)
+  nonfinite_total = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    variables, opt_item, meta = checkpointer.restore(
+        latest, nnx.merge_state(state.params, state.batch_stats),
+        {'opt_state': state.opt_state, 'step': state.step, 'applied_steps': state.applied_steps},
+        data_iterator)
+    params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
+    state = state.replace(params=params, batch_stats=batch_stats)
+    if opt_item is not None:
+      state = state.replace(**opt_item)
+      nonfinite_total = meta.get('nonfinite_steps', 0)
+      if meta.get('num_steps') != num_steps:
+        logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
+                        'learning-rate schedule changes', latest, meta.get('num_steps'), num_steps)
+    logging.info('resumed from checkpoint %d (%s)', latest,
+                 'weights, optimizer and data order' if opt_item else 'weights only')
+
+  step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
+  local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
+  crop = config.data.crop_size
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct((config.train.batch_size, crop, crop, 3), jnp.float32,
+                                    sharding=sharding.batch_sharded(mesh)),
+      'label': jax.ShapeDtypeStruct((config.train.batch_size, crop, crop), jnp.int32,
+                                    sharding=sharding.batch_sharded(mesh))}
+  compile_start = time.perf_counter()
+  compiled_step = step_fn.lower(state, abstract_batch).compile()
+  logging.info('train step compiled in %.1f s; %d examples per process per step',
+               time.perf_counter() - compile_start, local_rows)
+  _log_compiled(compiled_step, config, mesh, state)
+  eval_fn = jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
+  names = class_names(config)
+
+  writer = _create_writer(workdir)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
+                                                    every_steps=config.train.log_every)
+  stop = _StopRequest()
+  step = int(state.step)
+  window = []          # host metrics of the steps since the last log
+  consecutive_nonfinite = 0
+  window_start = time.perf_counter()
+  results = {}
+
+  def meta(step):
+    return {'step': step, 'num_steps': num_steps, 'nonfinite_steps': nonfinite_total,
+            'config': json.loads(config.to_json())}
+
+  def save(step, eval_metrics=None):
+    checkpointer.save(
+        step, nnx.merge_state(state.params, state.batch_stats),
+        {'opt_state': state.opt_state, 'step': state.step, 'applied_steps': state.applied_steps},
+        data_iterator, meta(step), metrics=eval_metrics)
+
+  def account(step, step_metrics):
+    """Host side of one finished step: the non-finite count and the stop rule."""
+    nonlocal consecutive_nonfinite, nonfinite_total
+    values = jax.device_get(step_metrics)
+    if values['finite']:
+      consecutive_nonfinite = 0
+    else:
+      consecutive_nonfinite += 1
+      nonfinite_total += 1
+      logging.warning('step %d: non-finite loss %s, step skipped (%d in a row, %d in total)',
+                      step, values['loss'], consecutive_nonfinite, nonfinite_total)
+      if consecutive_nonfinite >= config.train.max_nonfinite_steps:
+        checkpointer.wait_until_finished()
+        raise FloatingPointError(
+            f'{consecutive_nonfinite} consecutive steps (up to step {step}) had a non-finite loss '
+            f'(config.train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopped. '
+            f'The last checkpoint, step {checkpointer.latest_step()} in '
+            f'{checkpoint.checkpoint_dir(workdir)}, is intact. Check the data or lower '
+            f'optim.base_lr.')
+    window.append(values)
+
+  try:
+    pending = None   # the previous step's metrics, read while the next step runs
+    while step < num_steps:
+      batch = sharding.to_global(next(data_iterator), mesh)
+      state, step_metrics = compiled_step(state, batch)
+      step += 1
+      if pending is not None:
+        account(*pending)
+      pending = (step, step_metrics)
+      report_progress(step)
+      stopping = stop.requested or checkpointer.reached_preemption(step)
+      if step % config.train.log_every == 0 or step == num_steps or stopping:
+        account(*pending)
+        pending = None
+        elapsed = time.perf_counter() - window_start
+        finite = [values for values in window if values['finite']]
+        row = {f'train/{key}': float(np.mean([values[key] for values in finite]))
+               for key in ('loss', 'main_loss', 'aux_loss', 'pixel_acc')} if finite else {}
+        row.update({'train/lr_backbone': float(window[-1]['lr_backbone']),
+                    'train/lr_head': float(window[-1]['lr_head']),
+                    'train/steps_per_sec': len(window) / elapsed,
+                    'train/images_per_sec': len(window) * config.train.batch_size / elapsed,
+                    'train/nonfinite_steps': nonfinite_total})
+        writer.write_scalars(step, row)
+        window = []
+        window_start = time.perf_counter()
+      if stopping:
+        save(step)
+        logging.info('stopped at step %d on request; checkpoint saved, restart the same command '
+                     'to continue', step)
+        break
+      eval_now = step == num_steps or (config.train.eval_every > 0 and
+                                       step % config.train.eval_every == 0)
+      if eval_now:
+        with report_progress.timed('eval'):
+          results = evaluate(eval_fn, state, config, mesh)
+        _write_eval(writer, step, results, names, per_class=step == num_steps)
+        save(step, {checkpoint.BEST_METRIC: results['mIoU']})
+      elif step % config.train.checkpoint_every == 0:
+        save(step)
+    else:
+      if not results:   # nothing left to train: the run had finished before
+        results = evaluate(eval_fn, state, config, mesh)
+        _write_eval(writer, step, results, names, per_class=True)
+  finally:
+    stop.restore()
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
+  return results if step == num_steps else {}
