@@ -254,16 +254,6 @@ def export_weights(config, workdir: str, path: str, fmt: str, step: int | None =
   return step
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoints are read/written.')
-_IMPORT = flags.DEFINE_string('import_path', None, 'Weights file to import as checkpoint 0.')
-_EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint to.')
-_FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {IMPORT_FORMATS}; export: '
-                              f'{EXPORT_FORMATS}.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -284,6 +274,20 @@ def main(argv):
                  _FORMAT.value)
 
 
-if __name__ == '__main__':
+def _define_flags():
+  """The command-line flags, defined only when run as a program: training imports this module."""
+  global _CONFIG, _WORKDIR, _IMPORT, _EXPORT, _FORMAT, _STEP  # pylint: disable=global-statement
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoints are read/written.')
+  _IMPORT = flags.DEFINE_string('import_path', None, 'Weights file to import as checkpoint 0.')
+  _EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint to.')
+  _FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {IMPORT_FORMATS}; export: '
+                                f'{EXPORT_FORMATS}.')
+  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
   flags.mark_flags_as_required(['config', 'workdir'])
+
+
+if __name__ == '__main__':
+  _define_flags()
   app.run(main)
