@@ -9,6 +9,8 @@ On several hosts every process runs the same command; with
 `--distributed`) jax.distributed connects them first.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,9 +26,15 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_addre
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Drops orbax's INFO lines (dozens per checkpoint); its warnings and errors still show."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   import jax  # pylint: disable=import-outside-toplevel
   from pspnet_jax import train  # pylint: disable=import-outside-toplevel

@@ -285,9 +285,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json(indent=2))
   mesh = sharding.make_mesh()
   sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
@@ -314,6 +311,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         'learning-rate schedule changes', latest, meta.get('num_steps'), num_steps)
     logging.info('resumed from checkpoint %d (%s)', latest,
                  'weights, optimizer and data order' if opt_item else 'weights only')
+
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json(indent=2))
 
   step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
   local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
