@@ -265,15 +265,15 @@ def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
     logging.info('train step: %.3g FLOPs per device per step', cost['flops'])
 
 
-def _write_eval(writer, step: int, results: dict, names: list[str], per_class: bool) -> None:
+def _write_eval(writer, step: int, results: dict, names: list[str], table: bool) -> None:
+  """One metrics row with the per-class IoUs; `table` also logs the per-class table."""
   row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
-  if per_class:
-    for name, iou in zip(names, results['IoU']):
-      if not np.isnan(iou):
-        row[f'eval/IoU/{name}'] = iou
-    table = '\n'.join(f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
-                      in enumerate(zip(names, results['IoU'], results['acc'])))
-    logging.info('per-class results at step %d:\n%s', step, table)
+  row.update({f'eval/IoU/{name}': iou for name, iou in zip(names, results['IoU'])
+              if not np.isnan(iou)})
+  if table:
+    lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
+             in enumerate(zip(names, results['IoU'], results['acc']))]
+    logging.info('per-class results at step %d:\n%s', step, '\n'.join(lines))
   writer.write_scalars(step, row)
 
 
@@ -409,14 +409,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if eval_now:
         with report_progress.timed('eval'):
           results = evaluate(eval_fn, state, config, mesh)
-        _write_eval(writer, step, results, names, per_class=step == num_steps)
+        _write_eval(writer, step, results, names, table=step == num_steps)
         save(step, {checkpoint.BEST_METRIC: results['mIoU']})
       elif step % config.train.checkpoint_every == 0:
         save(step)
     else:
       if not results:   # nothing left to train: the run had finished before
         results = evaluate(eval_fn, state, config, mesh)
-        _write_eval(writer, step, results, names, per_class=True)
+        _write_eval(writer, step, results, names, table=True)
   finally:
     stop.restore()
     checkpointer.wait_until_finished()

@@ -13,10 +13,10 @@ reproduces that failure in miniature, small enough to train on a CPU:
   6 marker   a few 3-8 px squares or discs, any scene, anywhere (small objects)
   255        an ellipse of random colours that the loss and metrics ignore
 
-The band covers 15-25% of the side it runs along. Boats and cars are drawn by
+The band covers 10-15% of the side it runs along. Boats and cars are drawn by
 the same code from the same random stream (a hull trapezoid under a cabin, one
-of a few colours, a window stripe) and lie entirely in the half of the image
-away from the band, so at least a quarter of the image separates every
+of a few colours, a window stripe) and lie entirely in the 40% of the image
+farthest from the band, so at least 45% of the image separates every
 boat/car pixel from the only pixels that tell the two apart. A model whose
 receptive field or context aggregation does not reach that far can do no
 better than guess between classes 3 and 4 (`CONTEXT_CLASSES`).
@@ -75,15 +75,16 @@ def _paint(image, label, mask, cls, colour):
   label[mask] = cls
 
 
-def _far_half(edge, height, width):
-  """(row0, row1, col0, col1) of the image half opposite the band's edge."""
+def _far_part(edge, height, width):
+  """(row0, row1, col0, col1) of the image's far 40% from the band's edge."""
+  near_rows, near_cols = height * 3 // 5, width * 3 // 5
   if edge == 0:  # band at the top
-    return (height + 1) // 2, height, 0, width
+    return near_rows, height, 0, width
   if edge == 1:  # bottom
-    return 0, height // 2, 0, width
+    return 0, height - near_rows, 0, width
   if edge == 2:  # left
-    return 0, height, (width + 1) // 2, width
-  return 0, height, 0, width // 2  # right
+    return 0, height, near_cols, width
+  return 0, height, 0, width - near_cols  # right
 
 
 def _vehicle_mask(rng, region, height, width):
@@ -125,7 +126,7 @@ def render_example(rng: np.random.Generator, height: int, width: int, *,
   scene = scene or drawn_scene
   band_class, vehicle_class = SCENES[scene]
   edge = int(layout_rng.integers(4))
-  band_fraction = layout_rng.uniform(0.15, 0.25)
+  band_fraction = layout_rng.uniform(0.1, 0.15)
   min_side = min(height, width)
 
   rows, cols = np.mgrid[:height, :width]
@@ -170,7 +171,7 @@ def render_example(rng: np.random.Generator, height: int, width: int, *,
     colour = np.asarray(_TREE) + 30.0 * _smooth_noise(tree_rng, height, width, 16)
     _paint(image, label, mask, 5, colour.astype(np.float32))
 
-  region = _far_half(edge, height, width)
+  region = _far_part(edge, height, width)
   for _ in range(int(vehicle_rng.integers(1, 3))):
     mask, window = _vehicle_mask(vehicle_rng, region, height, width)
     colour = np.asarray(_VEHICLE_COLOURS[int(vehicle_rng.integers(len(_VEHICLE_COLOURS)))])
