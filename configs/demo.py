@@ -34,10 +34,10 @@ def get_config():
   config.model.output_stride = 16
 
   config.train.batch_size = 8
-  config.train.num_steps = 200
-  config.train.log_every = 20
-  config.train.checkpoint_every = 100
-  config.train.eval_every = 100
+  config.train.num_steps = 250
+  config.train.log_every = 25
+  config.train.checkpoint_every = 125
+  config.train.eval_every = 125
 
   config.eval.batch_size = 20
   config.eval.crop_size = config.data.crop_size
