@@ -39,6 +39,6 @@ def get_config():
   config.train.checkpoint_every = 125
   config.train.eval_every = 125
 
-  config.eval.batch_size = 20
+  config.eval.batch_size = 16
   config.eval.crop_size = config.data.crop_size
   return config

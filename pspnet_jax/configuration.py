@@ -42,3 +42,11 @@ def validate(config) -> None:
   _require(optim.power > 0, 'optim.power', optim.power, 'must be > 0')
   _require(not model.pretrained or os.path.isfile(model.pretrained), 'model.pretrained',
            model.pretrained, 'no such file')
+  train = config.train
+  for key in ('batch_size', 'log_every', 'checkpoint_every', 'max_nonfinite_steps'):
+    _require(isinstance(train[key], int) and train[key] >= 1, f'train.{key}', train[key],
+             'must be a positive integer')
+  _require(train.num_steps > 0 or train.num_epochs > 0, 'train.num_epochs', train.num_epochs,
+           'must be positive when train.num_steps is 0')
+  _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size,
+           'must be a positive integer')

@@ -15,12 +15,19 @@ from pspnet_jax.models import create_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('name,classes,crop', [('ade20k', 150, 473), ('cityscapes', 19, 713),
-                                               ('voc2012', 21, 473)])
-def test_dataset_configs_describe_the_official_model(name, classes, crop):
+@pytest.mark.parametrize('name,classes,crop,epochs,base_size', [
+    ('ade20k', 150, 473, 100, 512), ('cityscapes', 19, 713, 200, 2048),
+    ('voc2012', 21, 473, 50, 512)])
+def test_dataset_configs_describe_the_official_recipe(name, classes, crop, epochs, base_size):
   config = importlib.import_module(f'configs.{name}').get_config()
   configuration.validate(config)
   assert (config.data.name, config.data.num_classes, config.data.crop_size) == (name, classes, crop)
+  # semseg's config/<dataset>/*.yaml: batch 16, base lr 0.01, poly 0.9, these epochs and sizes.
+  assert (config.train.batch_size, config.train.num_epochs, config.train.num_steps) == (16, epochs, 0)
+  assert (config.optim.base_lr, config.optim.power, config.optim.head_lr_mult) == (0.01, 0.9, 10)
+  assert (config.eval.base_size, config.eval.crop_size) == (base_size, crop)
+  augment = config.data.augment
+  assert (augment.scale_min, augment.scale_max, augment.rotate_degrees) == (0.5, 2.0, 10.0)
   assert config.model.backbone == 'resnet50' and config.model.deep_stem
   assert config.model.output_stride == 8 and tuple(config.model.ppm_bins) == (1, 2, 3, 6)
   assert config.model.aux_weight == 0.4 and config.data.ignore_label == 255
@@ -41,7 +48,8 @@ def test_bad_variants_are_named(arg, message):
     ('model.backbone', 'resnet51'), ('model.output_stride', 4), ('model.dtype', 'float16'),
     ('model.dropout', 1.5), ('data.num_classes', 0), ('data.ignore_label', 100),
     ('model.ppm_bins', ()), ('model.pretrained', '/nonexistent/resnet50.pth'),
-    ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3)])
+    ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3), ('train.batch_size', 0),
+    ('train.log_every', 0), ('train.num_epochs', 0), ('eval.batch_size', 0)])
 def test_validation_names_the_bad_key(key, value):
   config = default.get_config()
   section, field = key.split('.')
