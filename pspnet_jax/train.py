@@ -47,6 +47,13 @@ class TrainState:
   rngs: nnx.State            # the dropout streams; reseeded from (seed, step) every step
 
 
+def _checkpoint_items(state: TrainState):
+  """What a checkpoint holds of the state: the model variables and the optimizer item."""
+  optimizer = {'opt_state': state.opt_state, 'step': state.step,
+               'applied_steps': state.applied_steps}
+  return nnx.merge_state(state.params, state.batch_stats), optimizer
+
+
 def num_train_steps(config, num_examples: int) -> int:
   """train.num_steps, or num_epochs full batches per epoch (semseg: drop_last=True)."""
   if config.train.num_steps > 0:
@@ -279,7 +286,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
-  sharding.local_batch_size(config.train.batch_size, mesh)
+  local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
   num_steps = num_train_steps(config, pipeline.num_examples(config, config.data.train_split))
   data_iterator = iter(pipeline.train_loader(config))
@@ -290,10 +297,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   nonfinite_total = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    variables, opt_item, meta = checkpointer.restore(
-        latest, nnx.merge_state(state.params, state.batch_stats),
-        {'opt_state': state.opt_state, 'step': state.step, 'applied_steps': state.applied_steps},
-        data_iterator)
+    variables, opt_item, meta = checkpointer.restore(latest, *_checkpoint_items(state),
+                                                     data_iterator)
     params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
     state = state.replace(params=params, batch_stats=batch_stats)
     if opt_item is not None:
@@ -310,7 +315,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       f.write(config.to_json(indent=2))
 
   step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
-  local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   crop = config.data.crop_size
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((config.train.batch_size, crop, crop, 3), jnp.float32,
@@ -335,15 +339,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   window_start = time.perf_counter()
   results = {}
 
-  def meta(step):
+  def checkpoint_meta(step):
     return {'step': step, 'num_steps': num_steps, 'nonfinite_steps': nonfinite_total,
             'config': json.loads(config.to_json())}
 
   def save(step, eval_metrics=None):
-    checkpointer.save(
-        step, nnx.merge_state(state.params, state.batch_stats),
-        {'opt_state': state.opt_state, 'step': state.step, 'applied_steps': state.applied_steps},
-        data_iterator, meta(step), metrics=eval_metrics)
+    checkpointer.save(step, *_checkpoint_items(state), data_iterator, checkpoint_meta(step),
+                      metrics=eval_metrics)
 
   def account(step, step_metrics):
     """Host side of one finished step: the non-finite count and the stop rule."""
