@@ -147,12 +147,15 @@ class TrainCheckpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
 
-  def restore(self, step: int, variables: nnx.State, opt_state, data_iterator):
+  def restore(self, step: int, variables: nnx.State, opt_state, data_iterator,
+              data_layout: dict):
     """Restores checkpoint `step` into the shapes and shardings of `variables` and `opt_state`.
 
     Returns (variables, opt_state or None, meta); `data_iterator` is advanced in
     place. A checkpoint with only weights (written by `convert`) returns None
-    for the optimizer and leaves the iterator at the start.
+    for the optimizer and leaves the iterator at the start. `data_layout`
+    (process count, Grain workers) must equal the one saved in meta: Grain
+    keeps one iterator state per process and refuses another worker count.
     """
     stored = self._manager.item_metadata(step)
     where = f'checkpoint {os.path.join(checkpoint_dir(self.workdir), str(step))}'
@@ -161,6 +164,13 @@ class TrainCheckpointer:
     items = {'model': ocp.args.StandardRestore(target), 'meta': ocp.args.JsonRestore()}
     complete = stored.get('opt') is not None
     if complete:
+      saved_layout = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta'].get('data_layout')
+      if saved_layout != data_layout:
+        raise ValueError(
+            f'{where} was written with {saved_layout}, this run has {data_layout}: the data '
+            f'order can only continue with the same number of processes and '
+            f'config.data.worker_count')
       items['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))

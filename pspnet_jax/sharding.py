@@ -9,6 +9,7 @@ sharding, not from a special layer.
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -54,5 +55,9 @@ def to_global(host_batch: dict, mesh: Mesh) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree of arrays on every device of the mesh (the same copy everywhere)."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree of arrays (the same on every process) on every device of the mesh.
+
+  Not jax.device_put: with several processes it refuses a sharding over
+  devices this process cannot address.
+  """
+  return multihost_utils.host_local_array_to_global_array(tree, mesh, PartitionSpec())

@@ -290,6 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.local_batch_size(config.eval.batch_size, mesh)
   num_steps = num_train_steps(config, pipeline.num_examples(config, config.data.train_split))
   data_iterator = iter(pipeline.train_loader(config))
+  data_layout = {'processes': jax.process_count(), 'worker_count': config.data.worker_count}
 
   state, graphdef, eval_graphdef, tx = create_train_state(config, num_steps)
   state = sharding.replicate(state, mesh)
@@ -298,7 +299,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   latest = checkpointer.latest_step()
   if latest is not None:
     variables, opt_item, meta = checkpointer.restore(latest, *_checkpoint_items(state),
-                                                     data_iterator)
+                                                     data_iterator, data_layout)
     params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
     state = state.replace(params=params, batch_stats=batch_stats)
     if opt_item is not None:
@@ -341,7 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def checkpoint_meta(step):
     return {'step': step, 'num_steps': num_steps, 'nonfinite_steps': nonfinite_total,
-            'config': json.loads(config.to_json())}
+            'data_layout': data_layout, 'config': json.loads(config.to_json())}
 
   def save(step, eval_metrics=None):
     checkpointer.save(step, *_checkpoint_items(state), data_iterator, checkpoint_meta(step),
