@@ -7,18 +7,15 @@ from the validation labels, not from the model: chance is the mIoU of
 predicting the most frequent class everywhere.
 """
 
-import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from configs import demo
+from demo_runs import REPO, demo_config, main_command, read_rows
 from pspnet_jax.data import pipeline, synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
     'data.synthetic.min_size': 129, 'data.synthetic.max_size': 161,
     'data.synthetic.num_train': 200, 'data.synthetic.num_validation': 40,
@@ -28,13 +25,9 @@ ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 
 
 def final_eval(workdir, data_dir, use_ppm):
-  subprocess.run([sys.executable, '-m', 'pspnet_jax.main', '--config=configs/demo.py',
-                  f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-                  f'--config.model.use_ppm={use_ppm}'] +
-                 [f'--config.{key}={value}' for key, value in OVERRIDES.items()],
+  subprocess.run(main_command(workdir, data_dir, {**OVERRIDES, 'model.use_ppm': use_ppm}),
                  cwd=REPO, env=ENV, check=True, capture_output=True)
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f][-1]
+  return read_rows(workdir)[-1]
 
 
 def context_miou(row):
@@ -46,11 +39,7 @@ def results(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   psp = final_eval(str(tmp_path_factory.mktemp('psp')), data_dir, True)
   fcn = final_eval(str(tmp_path_factory.mktemp('fcn')), data_dir, False)
-  config = demo.get_config()
-  config.data.data_dir = data_dir
-  for key, value in OVERRIDES.items():
-    section, field = key.rsplit('.', 1)
-    config[section][field] = value
+  config = demo_config(data_dir, OVERRIDES)
   counts = np.zeros(synthetic.NUM_CLASSES)
   for batch in pipeline.eval_batches(config, process_index=0, process_count=1):
     labels = batch['label'][batch['valid']]

@@ -1,6 +1,5 @@
 """The PyTorch-exact layers against PyTorch itself: resize, adaptive pooling, conv padding, BatchNorm, Dropout2d."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -5,13 +5,13 @@ state in the same checkpoint; a restart with another process count is refused
 with a message instead of a missing-file error deep in Grain.
 """
 
-import json
 import os
 import socket
 import subprocess
-import sys
 
-from test_resume import OVERRIDES, REPO
+from demo_runs import REPO, demo_config, main_command, read_rows
+from pspnet_jax.data import synthetic
+from test_resume import OVERRIDES
 
 NUM_STEPS = 4
 
@@ -23,21 +23,13 @@ def free_port() -> int:
 
 
 def command(workdir, data_dir):
-  overrides = {**OVERRIDES, 'train.num_steps': NUM_STEPS}
-  return [sys.executable, '-m', 'pspnet_jax.main', '--config=configs/demo.py',
-          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}'] + [
-              f'--config.{key}={value}' for key, value in overrides.items()]
+  return main_command(workdir, data_dir, {**OVERRIDES, 'train.num_steps': NUM_STEPS})
 
 
 def test_two_processes_train_one_run(tmp_path):
   workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'tfds')
   # Built once up front, so the two processes do not race to build it.
-  subprocess.run([sys.executable, '-c', 'import sys; from configs import demo; '
-                  'from pspnet_jax.data import synthetic; c = demo.get_config(); '
-                  f'c.data.data_dir = {data_dir!r}; '
-                  + '; '.join(f'c.{key} = {value!r}' for key, value in OVERRIDES.items()
-                              if key.startswith('data.synthetic'))
-                  + '; synthetic.prepare(c)'], cwd=REPO, check=True, capture_output=True)
+  synthetic.prepare(demo_config(data_dir, OVERRIDES))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   address = f'127.0.0.1:{free_port()}'
   processes = [subprocess.Popen(command(workdir, data_dir) + [
@@ -48,8 +40,7 @@ def test_two_processes_train_one_run(tmp_path):
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
 
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f]
+  rows = read_rows(workdir)
   assert [row['step'] for row in rows if 'train/loss' in row] == list(range(1, NUM_STEPS + 1))
   assert 0 <= rows[-1]['eval/mIoU'] <= 1
   data_item = os.path.join(workdir, 'checkpoints', str(NUM_STEPS), 'data')

@@ -4,11 +4,9 @@ Also, in process: consecutive non-finite steps stop the run with the last
 checkpoint intact, and a checkpoint of another model is refused by name.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -17,11 +15,11 @@ import pytest
 from flax import nnx
 
 from configs import demo
+from demo_runs import REPO, demo_config, main_command, read_rows
 from pspnet_jax import checkpoint, train
 from pspnet_jax.data import pipeline
 from pspnet_jax.models import create_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 24
 OVERRIDES = {
     'data.synthetic.num_train': 24, 'data.synthetic.num_validation': 5,
@@ -31,18 +29,11 @@ OVERRIDES = {
 
 
 def command(workdir, data_dir):
-  return [sys.executable, '-m', 'pspnet_jax.main', '--config=configs/demo.py',
-          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}'] + [
-              f'--config.{key}={value}' for key, value in OVERRIDES.items()]
+  return main_command(workdir, data_dir, OVERRIDES)
 
 
 # Two devices: the restore goes through a sharded mesh, without the cost of eight simulated ones.
 ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
 
 
 def final_variables(workdir):
@@ -111,12 +102,7 @@ def test_learning_rate_trace_of_a_run_is_the_official_one(runs):
 
 
 def small_config(data_dir, **overrides):
-  config = demo.get_config()
-  config.data.data_dir = data_dir
-  for key, value in {**OVERRIDES, **overrides}.items():
-    section, field = key.rsplit('.', 1)
-    config[section][field] = value
-  return config
+  return demo_config(data_dir, {**OVERRIDES, **overrides})
 
 
 class PoisonAfter:

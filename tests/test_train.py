@@ -1,7 +1,6 @@
 """The train step: 8 devices = 1 device, non-finite steps skipped whole, the official lr trace."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
