@@ -113,8 +113,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.max_nonfinite_steps = 10
 
   config.eval = ml_collections.ConfigDict()
-  # whole: the image resized so its long side is data.crop_size, padded to the crop, one
-  # forward pass (the periodic evaluation during training); slide: the semseg protocol.
+  # Protocol of the evaluation command (pspnet_jax.evaluate, a later issue): whole = the
+  # image resized so its long side is data.crop_size, padded to the crop, one forward pass;
+  # slide = the semseg protocol below. The periodic evaluation during training always
+  # uses whole: simple, fast and the same shape for every batch.
   config.eval.protocol = 'whole'
   # slide: the long side is resized to scale * base_size, windows of crop_size.
   config.eval.base_size = 512
