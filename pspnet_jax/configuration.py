@@ -2,6 +2,7 @@
 
 import os
 
+from pspnet_jax.data.transforms import RECIPES
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.resnet import BACKBONES
 
@@ -22,6 +23,8 @@ def validate(config) -> None:
   _require(0 <= data.ignore_label and data.ignore_label >= data.num_classes, 'data.ignore_label',
            data.ignore_label, f'must be >= data.num_classes ({data.num_classes})')
   _require(data.crop_size >= 33, 'data.crop_size', data.crop_size, 'must be at least 33')
+  _require(data.augment.recipe in RECIPES, 'data.augment.recipe', data.augment.recipe,
+           f'must be one of {sorted(RECIPES)}')
   _require(model.backbone in BACKBONES, 'model.backbone', model.backbone,
            f'must be one of {sorted(BACKBONES)}')
   _require(model.output_stride in (8, 16, 32), 'model.output_stride', model.output_stride,

@@ -49,10 +49,11 @@ def test_bad_variants_are_named(arg, message):
     ('model.dropout', 1.5), ('data.num_classes', 0), ('data.ignore_label', 100),
     ('model.ppm_bins', ()), ('model.pretrained', '/nonexistent/resnet50.pth'),
     ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3), ('train.batch_size', 0),
-    ('train.log_every', 0), ('train.num_epochs', 0), ('eval.batch_size', 0)])
+    ('train.log_every', 0), ('train.num_epochs', 0), ('eval.batch_size', 0),
+    ('data.augment.recipe', 'autoaugment')])
 def test_validation_names_the_bad_key(key, value):
   config = default.get_config()
-  section, field = key.split('.')
+  section, field = key.rsplit('.', 1)
   config[section][field] = value
   with pytest.raises(ValueError, match=f'config.{key}='):
     configuration.validate(config)

@@ -7,6 +7,12 @@ matrix and border values, the same padding split), so augmented crops match
 the ones the published models were trained on. The official code draws with
 Python's `random`; here every draw comes from the `np.random.Generator` Grain
 hands each record, so a crop is a function of (seed, record index) only.
+
+`config.data.augment.recipe = 'mmseg'` selects mmsegmentation's training chain
+instead (RandomResize, RandomCrop with cat_max_ratio, RandomFlip,
+PhotoMetricDistortion, normalize, pad), reproduced step by step with the
+same draws, ranges and rounding as mmseg/mmcv, for comparison with models
+trained there.
 """
 
 import cv2
@@ -98,7 +104,108 @@ def eval_resize(image, label, crop_size: int, mean, ignore_label: int):
   return _pad_to(image, label, crop_size, crop_size, mean, ignore_label)
 
 
-def train_augment(image, label, rng: np.random.Generator, config):
+def mmseg_rescale_size(height: int, width: int, scale) -> tuple[int, int]:
+  """mmcv's keep-ratio rescale: the largest size that fits inside the long x short box `scale`.
+
+  The factor is min(long edge / image long side, short edge / image short side),
+  and each side rounds half up, as `mmcv.rescale_size`. Returns (height, width).
+  """
+  long_edge, short_edge = max(scale), min(scale)
+  factor = min(long_edge / max(height, width), short_edge / min(height, width))
+  return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def mmseg_random_resize(image, label, rng: np.random.Generator, base_scale, ratio_min: float,
+                        ratio_max: float):
+  """RandomResize(keep_ratio=True): base_scale times a ratio uniform in [ratio_min, ratio_max].
+
+  The scaled box truncates to integers before the rescale, as mmcv's
+  `RandomResize`; the image is resized bilinearly, the label with nearest neighbour.
+  """
+  ratio = rng.uniform(ratio_min, ratio_max)
+  scale = (int(base_scale[0] * ratio), int(base_scale[1] * ratio))
+  new_h, new_w = mmseg_rescale_size(*label.shape, scale)
+  image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+  label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+  return image, label
+
+
+def mmseg_random_crop(image, label, rng: np.random.Generator, crop_size: int,
+                      cat_max_ratio: float, ignore_label: int, max_tries: int = 10):
+  """RandomCrop: a uniform crop_size window (smaller where the image is), no padding.
+
+  With cat_max_ratio < 1, up to `max_tries` windows are checked and the first
+  that holds at least two classes, none above cat_max_ratio of the valid
+  (non-ignore) pixels, is taken; when all fail, the window drawn after the last
+  check is taken unchecked, exactly as mmseg does.
+  """
+  height, width = label.shape
+
+  def window():
+    top = int(rng.integers(0, max(height - crop_size, 0) + 1))
+    left = int(rng.integers(0, max(width - crop_size, 0) + 1))
+    return slice(top, top + crop_size), slice(left, left + crop_size)
+
+  rows, cols = window()
+  if cat_max_ratio < 1.0:
+    for _ in range(max_tries):
+      classes, counts = np.unique(label[rows, cols], return_counts=True)
+      counts = counts[classes != ignore_label]
+      if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+        break
+      rows, cols = window()
+  return image[rows, cols], label[rows, cols]
+
+
+def _scale_clipped(values, alpha=1.0, beta=0.0):
+  """mmseg's `convert`: values * alpha + beta, clipped to [0, 255] and truncated to uint8."""
+  return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def photometric_distortion(image, label, rng: np.random.Generator, brightness_delta: float,
+                           contrast_range, saturation_range, hue_delta: int):
+  """PhotoMetricDistortion: brightness, contrast, saturation, hue, each with probability 0.5.
+
+  Works on uint8 like mmseg, whose images are uint8 when the step runs (each
+  step truncates back to uint8). Contrast comes right after brightness or
+  last, a coin flip per image; saturation and hue go through OpenCV's 8-bit
+  HSV (hue in [0, 180)), the hue shift an integer in [-hue_delta, hue_delta).
+  """
+  image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+  def contrast(image):
+    if rng.integers(2):
+      image = _scale_clipped(image, alpha=rng.uniform(*contrast_range))
+    return image
+
+  if rng.integers(2):
+    image = _scale_clipped(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+  contrast_first = rng.integers(2)
+  if contrast_first:
+    image = contrast(image)
+  if rng.integers(2):
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = _scale_clipped(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+    image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if rng.integers(2):
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    shift = int(rng.integers(-hue_delta, hue_delta))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 180
+    image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+  if not contrast_first:
+    image = contrast(image)
+  return image.astype(np.float32), label
+
+
+def pad_bottom_right(image, label, crop_size: int, ignore_label: int):
+  """mmseg's padding to the crop: zeros (the mean, after normalization) and ignore, bottom/right."""
+  pad_h, pad_w = max(crop_size - label.shape[0], 0), max(crop_size - label.shape[1], 0)
+  image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+  label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=ignore_label)
+  return image, label
+
+
+def _semseg_augment(image, label, rng: np.random.Generator, config):
   """semseg's training chain: scale, rotate, blur, flip, crop, normalize (config.data.*)."""
   data, augment = config.data, config.data.augment
   image, label = rand_scale(image, label, rng, augment.scale_min, augment.scale_max)
@@ -108,3 +215,31 @@ def train_augment(image, label, rng: np.random.Generator, config):
   image, label = hflip(image, label, rng, augment.flip_prob)
   image, label = rand_crop(image, label, rng, data.crop_size, data.mean, data.ignore_label)
   return normalize(image, data.mean, data.std), label
+
+
+def _mmseg_augment(image, label, rng: np.random.Generator, config):
+  """mmseg's training chain: resize, crop, flip, photometric distortion, normalize, pad."""
+  data, augment = config.data, config.data.augment
+  image, label = mmseg_random_resize(image, label, rng, augment.mmseg_base_scale,
+                                     augment.mmseg_ratio_min, augment.mmseg_ratio_max)
+  image, label = mmseg_random_crop(image, label, rng, data.crop_size, augment.cat_max_ratio,
+                                   data.ignore_label)
+  image, label = hflip(image, label, rng, augment.flip_prob)
+  image, label = photometric_distortion(
+      image, label, rng, augment.brightness_delta,
+      (augment.contrast_min, augment.contrast_max),
+      (augment.saturation_min, augment.saturation_max), augment.hue_delta)
+  return pad_bottom_right(normalize(image, data.mean, data.std), label, data.crop_size,
+                          data.ignore_label)
+
+
+RECIPES = {'semseg': _semseg_augment, 'mmseg': _mmseg_augment}
+
+
+def train_augment(image, label, rng: np.random.Generator, config):
+  """The training augmentation chosen by config.data.augment.recipe -> normalized crop, label."""
+  recipe = config.data.augment.recipe
+  if recipe not in RECIPES:
+    raise ValueError(f'config.data.augment.recipe must be one of {sorted(RECIPES)}, '
+                     f'got {recipe!r}')
+  return RECIPES[recipe](image, label, rng, config)

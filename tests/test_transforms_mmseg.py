@@ -1,0 +1,236 @@
+"""mmsegmentation's training recipe (`config.data.augment.recipe = 'mmseg'`) step by step.
+
+Images encode their labels (channel 0 = 10 * class), so any misalignment of
+image and label shows; sizes are checked against mmcv's rescale formula
+computed here independently.
+"""
+
+import numpy as np
+import pytest
+
+from configs import default
+from pspnet_jax.data import transforms
+
+IGNORE = 255
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+def coded_pair(height, width, classes=(0, 3, 5), block=4, seed=0):
+  """A label of random blocks and an image whose channel 0 is 10 * the pixel's class."""
+  rng = np.random.default_rng(seed)
+  blocks = rng.choice(classes, size=(-(-height // block), -(-width // block)))
+  label = np.kron(blocks, np.ones((block, block), np.uint8))[:height, :width].astype(np.uint8)
+  image = np.stack([label * 10.0, np.full(label.shape, 50.0), np.full(label.shape, 200.0)], -1)
+  return image.astype(np.float32), label
+
+
+def assert_aligned(image, label):
+  valid = label != IGNORE
+  np.testing.assert_array_equal(image[..., 0][valid], label[valid] * 10.0)
+
+
+def mmseg_config(crop_size=33, recipe='mmseg'):
+  config = default.get_config()
+  config.data.crop_size = crop_size
+  config.data.mean, config.data.std = MEAN, STD
+  config.data.augment.recipe = recipe
+  config.data.augment.mmseg_base_scale = (80, 40)
+  return config
+
+
+@pytest.mark.parametrize('height,width,scale', [
+    (512, 683, (2048, 512)), (683, 512, (2048, 512)), (375, 500, (1024, 256)),
+    (1024, 2048, (2048, 1024)), (100, 1000, (2048, 512)), (45, 50, (57, 28))])
+def test_rescale_size_is_mmcvs(height, width, scale):
+  # mmcv.rescale_size: factor = min(long / max(h, w), short / min(h, w)), sides int(x + 0.5).
+  factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+  expected = (int(height * factor + 0.5), int(width * factor + 0.5))
+  assert transforms.mmseg_rescale_size(height, width, scale) == expected
+  new_h, new_w = expected
+  assert max(new_h, new_w) <= max(scale) + 0.5 and min(new_h, new_w) <= min(scale) + 0.5
+
+
+def test_rescale_size_hand_computed():
+  # An ADE-like 512x683 image under (2048, 512): the short side binds, factor 1.
+  assert transforms.mmseg_rescale_size(512, 683, (2048, 512)) == (512, 683)
+  # A 100x1000 strip: the long side binds, factor 2.048 -> 204.8 -> 205.
+  assert transforms.mmseg_rescale_size(100, 1000, (2048, 512)) == (205, 2048)
+
+
+def test_random_resize_uses_the_truncated_scaled_box():
+  image, label = coded_pair(45, 50)
+  for seed in range(5):
+    ratio = np.random.default_rng(seed).uniform(0.5, 2.0)
+    box = (int(80 * ratio), int(40 * ratio))
+    resized, resized_label = transforms.mmseg_random_resize(
+        image, label, np.random.default_rng(seed), (80, 40), 0.5, 2.0)
+    expected = transforms.mmseg_rescale_size(45, 50, box)
+    assert resized_label.shape == expected and resized.shape == expected + (3,)
+    assert set(np.unique(resized_label)) <= set(np.unique(label))
+
+
+def test_random_crop_keeps_alignment_and_size():
+  image, label = coded_pair(45, 50)
+  for seed in range(10):
+    crop, crop_label = transforms.mmseg_random_crop(image, label, np.random.default_rng(seed), 33,
+                                                    0.75, IGNORE)
+    assert crop.shape == (33, 33, 3) and crop_label.shape == (33, 33)
+    assert_aligned(crop, crop_label)
+  # Smaller than the crop: mmseg's crop leaves it as it is (padding comes last).
+  small, small_label = transforms.mmseg_random_crop(*coded_pair(20, 40), np.random.default_rng(0),
+                                                    33, 0.75, IGNORE)
+  assert small_label.shape == (20, 33)
+
+
+def dominated_label():
+  """80x80: class 1 with a 35x35 class-2 corner block and a 6-column band of ignore.
+
+  A random 40x40 window holds at least 25% class 2 only when it reaches well
+  into the corner, about one draw in four, so most unchecked crops break the
+  75% rule while ten checked tries nearly always find a window that keeps it.
+  """
+  label = np.ones((80, 80), np.uint8)
+  label[45:, 45:] = 2
+  label[:, :6] = IGNORE
+  image = np.stack([label * 10.0] * 3, -1).astype(np.float32)
+  return image, label
+
+
+def max_share(label):
+  classes, counts = np.unique(label[label != IGNORE], return_counts=True)
+  return counts.max() / counts.sum() if len(classes) > 1 else 1.0
+
+
+def test_cat_max_ratio_holds_when_achievable():
+  image, label = dominated_label()
+  unchecked = [max_share(transforms.mmseg_random_crop(image, label, np.random.default_rng(seed),
+                                                      40, 1.0, IGNORE)[1]) for seed in range(100)]
+  assert np.mean(np.array(unchecked) >= 0.75) > 0.6
+  checked = [max_share(transforms.mmseg_random_crop(image, label, np.random.default_rng(seed),
+                                                    40, 0.75, IGNORE)[1]) for seed in range(100)]
+  assert np.mean(np.array(checked) < 0.75) > 0.85
+
+
+def test_cat_max_ratio_ignores_the_ignore_label():
+  # Left half ignore, right half two classes 50/50: every window passes on the first try,
+  # so the crop is the very first window drawn.
+  label = np.full((40, 40), IGNORE, np.uint8)
+  label[:, 20:] = 1
+  label[20:, 20:] = 2
+  image = np.stack([label * 10.0] * 3, -1).astype(np.float32)
+  crop_label = transforms.mmseg_random_crop(image, label, np.random.default_rng(3), 40, 0.75,
+                                            IGNORE)[1]
+  np.testing.assert_array_equal(crop_label, label)
+
+
+def test_photometric_distortion_touches_only_the_image_and_stays_in_range():
+  rng_image = np.random.default_rng(0)
+  image = rng_image.uniform(0, 255, (30, 30, 3)).astype(np.float32)
+  label = rng_image.integers(0, 6, (30, 30)).astype(np.uint8)
+  changed = 0
+  for seed in range(20):
+    out, out_label = transforms.photometric_distortion(
+        image, label.copy(), np.random.default_rng(seed), 32.0, (0.5, 1.5), (0.5, 1.5), 18)
+    np.testing.assert_array_equal(out_label, label)
+    assert out.shape == image.shape and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 255 and (out == np.round(out)).all()
+    changed += not np.allclose(out, np.rint(image))
+  assert changed > 10
+
+
+def test_photometric_distortion_brightness_alone():
+  class Draws:
+    """A generator whose coin flips are scripted: brightness on, contrast first, rest off."""
+
+    def __init__(self):
+      self.flips = iter([1, 1, 0, 0, 0])
+
+    def integers(self, *_):
+      return next(self.flips)
+
+    def uniform(self, low, high):
+      return 20.0 if (low, high) == (-32.0, 32.0) else 1.0
+
+  image = np.array([[[0, 100, 250]]], np.float32)
+  out, _ = transforms.photometric_distortion(image, np.zeros((1, 1), np.uint8), Draws(), 32.0,
+                                             (0.5, 1.5), (0.5, 1.5), 18)
+  np.testing.assert_array_equal(out, [[[20, 120, 255]]])
+
+
+def test_pad_bottom_right_with_zero_and_ignore():
+  image, label = coded_pair(20, 30)
+  padded, padded_label = transforms.pad_bottom_right(image, label, 33, IGNORE)
+  assert padded.shape == (33, 33, 3) and padded_label.shape == (33, 33)
+  np.testing.assert_array_equal(padded[:20, :30], image)
+  np.testing.assert_array_equal(padded_label[:20, :30], label)
+  assert (padded[20:] == 0).all() and (padded[:, 30:] == 0).all()
+  assert (padded_label[20:] == IGNORE).all() and (padded_label[:, 30:] == IGNORE).all()
+
+
+def test_mmseg_recipe_end_to_end():
+  config = mmseg_config()
+  image, label = coded_pair(45, 50)
+  for seed in range(10):
+    out, out_label = transforms.train_augment(image, label, np.random.default_rng(seed), config)
+    again, again_label = transforms.train_augment(image, label, np.random.default_rng(seed),
+                                                  config)
+    np.testing.assert_array_equal(out, again)
+    np.testing.assert_array_equal(out_label, again_label)
+    assert out.shape == (33, 33, 3) and out.dtype == np.float32 and out_label.shape == (33, 33)
+    # Labels never gain classes; padding is ignore with a zero (normalized mean) image.
+    assert set(np.unique(out_label)) <= set(np.unique(label)) | {IGNORE}
+    assert (out[out_label == IGNORE] == 0).all()
+
+
+def test_mmseg_geometry_keeps_image_and_label_aligned():
+  # The chain without its photometric step, which is per pixel and checked above: the
+  # image's channel 0 still tells each pixel's class wherever resizing did not blend.
+  image, label = coded_pair(45, 50, block=8)
+  for seed in range(10):
+    rng = np.random.default_rng(seed)
+    out, out_label = transforms.mmseg_random_resize(image, label, rng, (80, 40), 0.5, 2.0)
+    out, out_label = transforms.mmseg_random_crop(out, out_label, rng, 33, 0.75, IGNORE)
+    out, out_label = transforms.hflip(out, out_label, rng, 0.5)
+    out, out_label = transforms.pad_bottom_right(out, out_label, 33, IGNORE)
+    valid = out_label != IGNORE
+    exact = valid & (np.abs(out[..., 0] - out_label * 10.0) < 0.5)
+    # Bilinear blending touches only a border of each 8-pixel block.
+    assert exact.sum() > 0.6 * valid.sum()
+    assert (np.abs(out[..., 0][valid] - out_label[valid] * 10.0) <= 50.0).all()
+
+
+def test_recipe_dispatch():
+  image, label = coded_pair(45, 50)
+  assert default.get_config().data.augment.recipe == 'semseg'
+  config = mmseg_config(recipe='semseg')
+  augment = config.data.augment
+  rng = np.random.default_rng(4)
+  pair = transforms.rand_scale(image, label, rng, augment.scale_min, augment.scale_max)
+  pair = transforms.rand_rotate(*pair, rng, augment.rotate_degrees, augment.rotate_prob, MEAN,
+                                IGNORE)
+  pair = transforms.gaussian_blur(*pair, rng, augment.blur_prob)
+  pair = transforms.hflip(*pair, rng, augment.flip_prob)
+  pair = transforms.rand_crop(*pair, rng, 33, MEAN, IGNORE)
+  semseg = transforms.train_augment(image, label, np.random.default_rng(4), config)
+  np.testing.assert_array_equal(semseg[0], transforms.normalize(pair[0], MEAN, STD))
+  np.testing.assert_array_equal(semseg[1], pair[1])
+
+  config = mmseg_config()
+  rng = np.random.default_rng(4)
+  pair = transforms.mmseg_random_resize(image, label, rng, (80, 40), 0.5, 2.0)
+  pair = transforms.mmseg_random_crop(*pair, rng, 33, 0.75, IGNORE)
+  pair = transforms.hflip(*pair, rng, 0.5)
+  pair = transforms.photometric_distortion(*pair, rng, 32.0, (0.5, 1.5), (0.5, 1.5), 18)
+  pair = transforms.pad_bottom_right(transforms.normalize(pair[0], MEAN, STD), pair[1], 33,
+                                     IGNORE)
+  mmseg = transforms.train_augment(image, label, np.random.default_rng(4), config)
+  np.testing.assert_array_equal(mmseg[0], pair[0])
+  np.testing.assert_array_equal(mmseg[1], pair[1])
+
+
+def test_bad_recipe_is_rejected():
+  image, label = coded_pair(45, 50)
+  with pytest.raises(ValueError, match=r'config\.data\.augment\.recipe.*detectron'):
+    transforms.train_augment(image, label, np.random.default_rng(0),
+                             mmseg_config(recipe='detectron'))
