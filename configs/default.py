@@ -16,10 +16,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # Dataset name: synthetic | ade20k | cityscapes | voc2012 (own folders: next issue).
+  # Dataset name: synthetic | ade20k | cityscapes | voc2012 | folder (see data.folder_dir).
   config.data.name = 'ade20k'
   # TFDS data directory; None uses TFDS's default (~/tensorflow_datasets).
   config.data.data_dir = ml_collections.config_dict.placeholder(str)
+  # data.name = 'folder': the folder `python -m pspnet_jax.data.prepare --dataset=folder`
+  # built from (its name picks the dataset in data_dir; layout in pspnet_jax/data/folder.py).
+  config.data.folder_dir = ml_collections.config_dict.placeholder(str)
   # Training crop (square, 8k+1 as in the official code: 473 or 713).
   config.data.crop_size = 473
   # Number of classes the model predicts.
@@ -37,8 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   config.data.std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-  # The semseg training augmentation, in this order: scale, rotate, blur, flip, crop.
+  # The training augmentation (pspnet_jax.data.transforms.train_augment).
   config.data.augment = ml_collections.ConfigDict()
+  # 'semseg': the official PSPNet chain (scale, rotate, blur, flip, crop; the keys
+  # scale_min .. flip_prob); 'mmseg': mmsegmentation's (resize, crop with
+  # cat_max_ratio, flip, photometric distortion, pad; flip_prob and the keys below it).
+  config.data.augment.recipe = 'semseg'
   # RandScale: a uniform factor in [scale_min, scale_max] for both sides (cv2 linear / nearest).
   config.data.augment.scale_min = 0.5
   config.data.augment.scale_max = 2.0
@@ -50,6 +57,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment.blur_prob = 0.5
   # RandomHorizontalFlip probability.
   config.data.augment.flip_prob = 0.5
+  # mmseg RandomResize: the (long, short) box the image is fitted into keeping its aspect
+  # ratio, times a ratio uniform in [mmseg_ratio_min, mmseg_ratio_max]; mmseg uses
+  # (2048, 512) for ADE20K and VOC, (2048, 1024) for Cityscapes.
+  config.data.augment.mmseg_base_scale = (2048, 512)
+  config.data.augment.mmseg_ratio_min = 0.5
+  config.data.augment.mmseg_ratio_max = 2.0
+  # mmseg RandomCrop: up to 10 windows are drawn until no class covers cat_max_ratio
+  # or more of the crop's non-ignored pixels; 1.0 takes the first window.
+  config.data.augment.cat_max_ratio = 0.75
+  # mmseg PhotoMetricDistortion, each part with probability 0.5: brightness shift in
+  # [-brightness_delta, brightness_delta], contrast and saturation factors in
+  # [min, max], hue shift an integer in [-hue_delta, hue_delta) (at least 1) on OpenCV's
+  # 0..179 hue scale.
+  config.data.augment.brightness_delta = 32.0
+  config.data.augment.contrast_min = 0.5
+  config.data.augment.contrast_max = 1.5
+  config.data.augment.saturation_min = 0.5
+  config.data.augment.saturation_max = 1.5
+  config.data.augment.hue_delta = 18
 
   # The synthetic context dataset (data.name = 'synthetic'); built on first use.
   config.data.synthetic = ml_collections.ConfigDict()

@@ -34,7 +34,7 @@ from flax import nnx
 
 from pspnet_jax import checkpoint, configuration, losses, metrics, optim, sharding
 from pspnet_jax.convert import init_model
-from pspnet_jax.data import pipeline, synthetic
+from pspnet_jax.data import meta, pipeline
 
 
 @flax.struct.dataclass
@@ -169,8 +169,8 @@ def evaluate(eval_fn, state: TrainState, config, mesh) -> dict:
 
 
 def class_names(config) -> list[str]:
-  if config.data.name == 'synthetic':
-    return list(synthetic.CLASS_NAMES)
+  if config.data.name in meta.DATASETS:
+    return list(meta.class_names(config.data.name))
   return [f'class_{index}' for index in range(config.data.num_classes)]
 
 
@@ -268,8 +268,10 @@ def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
 def _write_eval(writer, step: int, results: dict, names: list[str], table: bool) -> None:
   """One metrics row with the per-class IoUs; `table` also logs the per-class table."""
   row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
-  row.update({f'eval/IoU/{name}': iou for name, iou in zip(names, results['IoU'])
-              if not np.isnan(iou)})
+  # Tags without spaces ('chest of drawers'): TensorBoard rewrites illegal summary names.
+  for name, iou in zip(names, results['IoU']):
+    if not np.isnan(iou):
+      row[f'eval/IoU/{name.replace(" ", "_")}'] = iou
   if table:
     lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
              in enumerate(zip(names, results['IoU'], results['acc']))]
@@ -298,16 +300,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   nonfinite_total = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    variables, opt_item, meta = checkpointer.restore(latest, *_checkpoint_items(state),
+    variables, opt_item, saved_meta = checkpointer.restore(latest, *_checkpoint_items(state),
                                                      data_iterator, data_layout)
     params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
     state = state.replace(params=params, batch_stats=batch_stats)
     if opt_item is not None:
       state = state.replace(**opt_item)
-      nonfinite_total = meta.get('nonfinite_steps', 0)
-      if meta.get('num_steps') != num_steps:
+      nonfinite_total = saved_meta.get('nonfinite_steps', 0)
+      if saved_meta.get('num_steps') != num_steps:
         logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
-                        'learning-rate schedule changes', latest, meta.get('num_steps'), num_steps)
+                        'learning-rate schedule changes', latest, saved_meta.get('num_steps'),
+                        num_steps)
     logging.info('resumed from checkpoint %d (%s)', latest,
                  'weights, optimizer and data order' if opt_item else 'weights only')
 

@@ -27,7 +27,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import synthetic, transforms
+# ade20k registers its TFDS builder on import.
+from pspnet_jax.data import ade20k, folder, synthetic, transforms  # pylint: disable=unused-import
 
 # config.data.name -> the TFDS builder name it is stored under.
 TFDS_NAMES = {
@@ -35,6 +36,7 @@ TFDS_NAMES = {
     'ade20k': 'ade20k_semseg',
     'cityscapes': 'cityscapes_semseg',
     'voc2012': 'voc2012_semseg',
+    'folder': 'folder_semseg',  # your own folder: data.folder_dir picks which
 }
 # Grain reads (and TFDS decodes) records in threads ahead of the transforms; its
 # default of 500 records in flight is gigabytes of decoded Cityscapes images per
@@ -50,20 +52,29 @@ def load_split(config, split: str):
     raise ValueError(f'config.data.name={name!r}: must be one of {sorted(TFDS_NAMES)}')
   data_dir = config.data.data_dir
   if name == 'synthetic':
-    builder = synthetic.prepare(config)
+    return synthetic.prepare(config).as_data_source(split=split)
+  if name == 'folder':
+    if not config.data.folder_dir:
+      raise ValueError("config.data.name='folder' needs config.data.folder_dir (the folder "
+                       "that prepare built from)")
+    builder = folder.builder(config.data.folder_dir, data_dir)
+    source = config.data.folder_dir
   else:
     # tfds.data_source(download=False) on an unbuilt dataset fails with a
     # misleading "TFRECORD is not supported" error; ask the builder first.
     try:
       builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-      builder = None
-    if builder is None or not builder.is_prepared():
-      raise FileNotFoundError(
-          f'dataset {name!r} (TFDS name {TFDS_NAMES[name]!r}) is not built in data dir '
-          f'{data_dir or "the TFDS default (~/tensorflow_datasets)"}; set config.data.data_dir '
-          f'to the folder that holds it. The builders for the real datasets and the '
-          f'command that prepares them arrive with the next issue.')
+      raise FileNotFoundError(f'dataset {name!r} (TFDS name {TFDS_NAMES[name]!r}) has no '
+                              f'builder in this version') from None
+    source = 'SOURCE_FOLDER'
+  if not builder.is_prepared():
+    data_dir_flag = f' --data_dir={data_dir}' if data_dir else ''
+    raise FileNotFoundError(
+        f'dataset {name!r} (TFDS name {TFDS_NAMES[name]!r}) is not built in data dir '
+        f'{data_dir or "the TFDS default (~/tensorflow_datasets)"}; set config.data.data_dir '
+        f'to the folder that holds it, or build it with: python -m pspnet_jax.data.prepare '
+        f'--dataset={name} --manual_dir={source}{data_dir_flag}')
   return builder.as_data_source(split=split)
 
 

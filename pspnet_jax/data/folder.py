@@ -1,0 +1,66 @@
+"""Your own dataset from a folder, as a TFDS builder (TFDS name `folder_semseg`).
+
+Layout of the folder (manual_dir):
+
+  classes.txt                    one class name per line; line k is class k
+  images/train/<stem>.<ext>      jpg, png, bmp, tif or webp
+  labels/train/<stem>.png        single-channel: L, or P (palette indices are the classes)
+  images/validation/...          the same for the validation split
+  labels/validation/...
+
+Label values are used as they are: 0..len(classes)-1, and 255 for pixels to
+ignore. Every folder is its own BuilderConfig, named after the folder
+(`config_name`), so several folders live side by side in one data_dir; two
+folders with the same name share the slot, rename one. Train with
+`--config.data.name=folder --config.data.folder_dir=FOLDER
+--config.data.num_classes=N` (prepare prints the line).
+"""
+
+import re
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from pspnet_jax.data import builders
+
+SPLITS = ('train', 'validation')
+CLASSES_FILE = 'classes.txt'
+
+
+def config_name(folder_dir) -> str:
+  """The BuilderConfig name of a folder: its base name, lower case, [a-z0-9_] only."""
+  name = re.sub(r'[^a-z0-9_]+', '_', epath.Path(folder_dir).name.lower()).strip('_')
+  if not name:
+    raise ValueError(f'folder {folder_dir!r}: its name gives no dataset name; rename it')
+  return name
+
+
+def read_classes(folder_dir) -> list[str]:
+  """The class names of classes.txt (blank lines ignored)."""
+  path = epath.Path(folder_dir) / CLASSES_FILE
+  if not path.exists():
+    raise builders.BuildError(f'{path} is missing: one class name per line')
+  names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  if not 1 <= len(names) <= builders.IGNORE_LABEL:
+    raise builders.BuildError(f'{path}: {len(names)} classes, need 1..{builders.IGNORE_LABEL}')
+  return names
+
+
+class FolderSemseg(builders.ValidatingBuilder):
+  """A dataset from a folder of images, single-channel PNG labels and classes.txt."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'images/ + labels/ + classes.txt, splits train and validation.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  def _read_source(self, manual_dir):
+    num_classes = len(read_classes(manual_dir))
+    splits = {split: builders.find_pairs(manual_dir, f'images/{split}', f'labels/{split}')
+              for split in SPLITS}
+    return builders.Source(splits, num_classes)
+
+
+def builder(folder_dir, data_dir=None, **kwargs) -> FolderSemseg:
+  """The builder of the dataset from `folder_dir` in `data_dir` (kwargs: strict)."""
+  config = tfds.core.BuilderConfig(name=config_name(folder_dir), version=FolderSemseg.VERSION)
+  return FolderSemseg(config=config, data_dir=data_dir, **kwargs)
