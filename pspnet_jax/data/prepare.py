@@ -30,7 +30,9 @@ def config_flags(dataset: str, manual_dir: str, data_dir: str | None, num_classe
   if dataset == 'ade20k':
     flags_ = ['--config=configs/ade20k.py']
   else:
-    flags_ = ['--config.data.name=folder', f'--config.data.folder_dir={manual_dir}',
+    # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
+    flags_ = ['--config=configs/default.py', '--config.data.name=folder',
+              f'--config.data.folder_dir={manual_dir}',
               f'--config.data.num_classes={num_classes}']
   if data_dir:
     flags_.append(f'--config.data.data_dir={data_dir}')
