@@ -75,24 +75,31 @@ class Source:
   num_classes: int
 
 
-def find_pairs(root: epath.Path, image_dir: str, label_dir: str,
-               image_suffixes=IMAGE_SUFFIXES) -> list[Pair]:
-  """Images of root/image_dir and .png labels of root/label_dir matched by stem, sorted.
+def require_folders(root: epath.Path, *folders: epath.Path) -> tuple[epath.Path, ...]:
+  """`folders`, or BuildError naming the first one that is missing."""
+  for folder in folders:
+    if not folder.is_dir():
+      raise BuildError(f'{folder} is not a folder (expected under manual_dir {root})')
+  return folders
+
+
+def pair_by_stem(root: epath.Path, images: dict, labels: dict) -> list[Pair]:
+  """{stem: image path} and {stem: label path} -> pairs sorted by stem.
 
   A stem with only one of the two files is still a pair (with None), so that
   the build reports it instead of silently dropping it.
   """
-  folders = (root / image_dir, root / label_dir)
-  for folder in folders:
-    if not folder.is_dir():
-      raise BuildError(f'{folder} is not a folder (expected under manual_dir {root})')
-  images = {p.stem: p for p in folders[0].iterdir() if p.suffix.lower() in image_suffixes}
-  labels = {p.stem: p for p in folders[1].iterdir() if p.suffix.lower() == '.png'}
-  pairs = []
-  for stem in sorted(images.keys() | labels.keys()):
-    path = images.get(stem) or labels[stem]
-    pairs.append(Pair(str(path.relative_to(root)), images.get(stem), labels.get(stem)))
-  return pairs
+  return [Pair(str((images.get(stem) or labels[stem]).relative_to(root)), images.get(stem),
+               labels.get(stem)) for stem in sorted(images.keys() | labels.keys())]
+
+
+def find_pairs(root: epath.Path, image_dir: str, label_dir: str,
+               image_suffixes=IMAGE_SUFFIXES) -> list[Pair]:
+  """Images of root/image_dir and .png labels of root/label_dir matched by stem, sorted."""
+  image_folder, label_folder = require_folders(root, root / image_dir, root / label_dir)
+  return pair_by_stem(
+      root, {p.stem: p for p in image_folder.iterdir() if p.suffix.lower() in image_suffixes},
+      {p.stem: p for p in label_folder.iterdir() if p.suffix.lower() == '.png'})
 
 
 def png(array: np.ndarray) -> bytes:

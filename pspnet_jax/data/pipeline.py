@@ -27,8 +27,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-# ade20k registers its TFDS builder on import.
-from pspnet_jax.data import ade20k, folder, synthetic, transforms  # pylint: disable=unused-import
+from pspnet_jax.data import folder, synthetic, transforms
+# Imported for the side effect: the official builders register their TFDS names.
+from pspnet_jax.data import ade20k, cityscapes, voc_aug  # noqa: F401 pylint: disable=unused-import
 
 # config.data.name -> the TFDS builder name it is stored under.
 TFDS_NAMES = {

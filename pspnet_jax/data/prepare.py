@@ -2,6 +2,8 @@
 
   python -m pspnet_jax.data.prepare --dataset=ade20k --manual_dir=.../ADEChallengeData2016 \\
       [--data_dir=TFDS_DIR] [--strict]
+  python -m pspnet_jax.data.prepare --dataset=cityscapes --manual_dir=.../cityscapes
+  python -m pspnet_jax.data.prepare --dataset=voc2012 --manual_dir=VOC_ROOT   # train_aug + val
   python -m pspnet_jax.data.prepare --dataset=folder --manual_dir=MY_FOLDER [--data_dir=...]
 
 Prints where the dataset went, the build report (also saved as
@@ -12,12 +14,21 @@ examples are skipped and listed; --strict stops at the first one instead.
 from absl import app
 from absl import flags
 
-from pspnet_jax.data import ade20k, folder
+from pspnet_jax.data import ade20k, cityscapes, folder, voc_aug
 
-_DATASET = flags.DEFINE_enum('dataset', None, ['ade20k', 'folder'], 'Dataset to build.')
+# --dataset (= config.data.name) -> the builder class of an official dataset.
+OFFICIAL_BUILDERS = {
+    'ade20k': ade20k.Ade20kSemseg,
+    'cityscapes': cityscapes.CityscapesSemseg,
+    'voc2012': voc_aug.Voc2012Semseg,
+}
+
+_DATASET = flags.DEFINE_enum('dataset', None, [*OFFICIAL_BUILDERS, 'folder'], 'Dataset to build.')
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None, 'ade20k: the unpacked ADEChallengeData2016 folder; folder: your folder '
-    '(classes.txt, images/, labels/).')
+    'manual_dir', None, 'ade20k: the unpacked ADEChallengeData2016 folder; cityscapes: the '
+    'folder holding leftImg8bit/ and gtFine/; voc2012: the folder holding VOCdevkit/ (and '
+    'benchmark_RELEASE/ unless VOCdevkit/VOC2012/SegmentationClassAug/ is used); folder: your '
+    'folder (classes.txt, images/, labels/).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'TFDS data dir to build into (default: ~/tensorflow_datasets).')
 _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example instead of skipping.')
@@ -27,8 +38,8 @@ _LISTED_SKIPS = 20
 
 def config_flags(dataset: str, manual_dir: str, data_dir: str | None, num_classes: int) -> str:
   """The pspnet_jax.main flags that train on the built dataset."""
-  if dataset == 'ade20k':
-    flags_ = ['--config=configs/ade20k.py']
+  if dataset in OFFICIAL_BUILDERS:
+    flags_ = [f'--config=configs/{dataset}.py']
   else:
     # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
     flags_ = ['--config=configs/default.py', '--config.data.name=folder',
@@ -41,8 +52,8 @@ def config_flags(dataset: str, manual_dir: str, data_dir: str | None, num_classe
 
 def main(argv):
   del argv
-  if _DATASET.value == 'ade20k':
-    builder = ade20k.Ade20kSemseg(data_dir=_DATA_DIR.value, strict=_STRICT.value)
+  if _DATASET.value in OFFICIAL_BUILDERS:
+    builder = OFFICIAL_BUILDERS[_DATASET.value](data_dir=_DATA_DIR.value, strict=_STRICT.value)
   else:
     builder = folder.builder(_MANUAL_DIR.value, _DATA_DIR.value, strict=_STRICT.value)
   report = builder.build(_MANUAL_DIR.value)
