@@ -6,6 +6,8 @@
       --config.data.crop_size=233 [--torch_reference]
   python -m pspnet_jax.benchmark --config=configs/demo.py --what=input --steps=50 \\
       [--config.data.worker_count=2]
+  python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=input --fake_ade20k=64 \\
+      --steps=40 --batch_size=8 --semseg_reference
 
 `--what=forward`: the eval-mode forward of the config's model on a
 crop_size x crop_size batch of `--batch_size` (default 1) images, compile time
@@ -33,6 +35,10 @@ default train.batch_size) over `--steps` batches, after a warm-up that drains
 what the loader prepared while it started; also per CPU core, counting
 data.worker_count cores (1 when augmenting in this process). The synthetic
 dataset is built into data.data_dir on first use, outside the timing.
+`--fake_ade20k=N` writes N ADE20K-sized JPEG/PNG pairs in the official layout
+to a temporary folder and builds them with the ADE20K builder first (no real
+data needed); `--semseg_reference` then also times semseg's way on the same
+files: cv2.imread and the same augmentation per sample in a Python loop.
 """
 
 import contextlib
@@ -40,7 +46,10 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+
+import cv2
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +59,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from pspnet_jax import configuration, optim, sharding, train
-from pspnet_jax.data import pipeline
+from pspnet_jax.data import ade20k, pipeline, transforms
 from pspnet_jax.models import create_model
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -61,6 +70,12 @@ _BATCH = flags.DEFINE_integer(
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls, steps or batches after the warm-up.')
 _TORCH = flags.DEFINE_bool('torch_reference', False,
                            'Also time the PyTorch twin (forward and train).')
+_FAKE_ADE = flags.DEFINE_integer(
+    'fake_ade20k', 0, 'input: write this many ADE20K-sized JPEG/PNG pairs in the official '
+    'layout to a temporary folder, build them with the ADE20K builder and measure on them.')
+_SEMSEG_REFERENCE = flags.DEFINE_bool(
+    'semseg_reference', False, 'input with --fake_ade20k: also time the semseg way on the same '
+    'files (cv2.imread and the same augmentation per sample in a Python for loop).')
 
 # Dense peak FLOP/s of one device by compute dtype, from the vendors' spec
 # sheets, keyed by the exact jax device_kind: a near miss (H100 PCIe or NVL for
@@ -243,7 +258,72 @@ def _train(config, batch_size: int, steps: int) -> dict:
   return result
 
 
+def _write_fake_ade20k(root: str, count: int, seed: int = 0) -> list[tuple[str, str]]:
+  """`count` training pairs shaped like ADE20K's (about 512 x 683, smooth photo-like content
+  that compresses like a photo, piecewise-constant labels 0..150) under root/ in the
+  official layout, plus one validation pair; returns the training (image, label) paths."""
+  rng = np.random.default_rng(seed)
+  pairs = []
+  for split, number in (('training', count), ('validation', 1)):
+    os.makedirs(os.path.join(root, 'images', split))
+    os.makedirs(os.path.join(root, 'annotations', split))
+    for index in range(number):
+      height, width = (512, int(rng.integers(600, 800))) if index % 2 else (
+          int(rng.integers(600, 800)), 512)
+      coarse = rng.uniform(0, 255, (height // 32, width // 32, 3)).astype(np.float32)
+      image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+      image += rng.normal(0, 8, image.shape)
+      regions = rng.integers(0, 151, (height // 64, width // 64), dtype=np.uint8)
+      label = cv2.resize(regions, (width, height), interpolation=cv2.INTER_NEAREST)
+      stem = f'ADE_{split}_{index:08d}'
+      image_path = os.path.join(root, 'images', split, f'{stem}.jpg')
+      label_path = os.path.join(root, 'annotations', split, f'{stem}.png')
+      cv2.imwrite(image_path, np.clip(image, 0, 255).astype(np.uint8))
+      cv2.imwrite(label_path, label)
+      if split == 'training':
+        pairs.append((image_path, label_path))
+  return pairs
+
+
+def _semseg_way_seconds(config, pairs, batch_size: int, steps: int) -> float:
+  """semseg's SemData + transforms: per sample cv2.imread, BGR->RGB, float32, the same
+  augmentation, then np.stack per batch, in one Python loop (its DataLoader worker's work)."""
+  rng = np.random.default_rng(0)
+
+  def batch(first):
+    images, labels = [], []
+    for image_path, label_path in (pairs[(first + i) % len(pairs)] for i in range(batch_size)):
+      image = cv2.cvtColor(cv2.imread(image_path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+      label = cv2.imread(label_path, cv2.IMREAD_GRAYSCALE)
+      image, label = transforms.train_augment(image.astype(np.float32), label, rng, config)
+      images.append(image)
+      labels.append(label)
+    return np.stack(images), np.stack(labels)
+
+  for step in range(_INPUT_WARMUP_BATCHES):
+    batch(step * batch_size)
+  start = time.perf_counter()
+  for step in range(steps):
+    batch(step * batch_size)
+  return time.perf_counter() - start
+
+
 def _input(config, batch_size: int, steps: int) -> dict:
+  if _SEMSEG_REFERENCE.value and not _FAKE_ADE.value:
+    raise app.UsageError('--semseg_reference needs --fake_ade20k (the files to read)')
+  if not _FAKE_ADE.value:
+    return _measure_input(config, batch_size, steps, fake_pairs=[])
+  with tempfile.TemporaryDirectory(prefix='fake_ade20k_') as scratch:
+    manual_dir = os.path.join(scratch, 'ADEChallengeData2016')
+    fake_pairs = _write_fake_ade20k(manual_dir, _FAKE_ADE.value)
+    config.data.name, config.data.num_classes = 'ade20k', ade20k.NUM_CLASSES
+    config.data.data_dir = os.path.join(scratch, 'tfds')
+    with contextlib.redirect_stdout(sys.stderr):
+      ade20k.Ade20kSemseg(data_dir=config.data.data_dir).build(manual_dir)
+    return _measure_input(config, batch_size, steps, fake_pairs)
+
+
+def _measure_input(config, batch_size: int, steps: int, fake_pairs) -> dict:
   configuration.validate(config)
   config.train.batch_size = batch_size
   workers = config.data.worker_count
@@ -260,11 +340,17 @@ def _input(config, batch_size: int, steps: int) -> dict:
   seconds = time.perf_counter() - start
   images_per_s = steps * batch_size / seconds
   cores = max(workers, 1)
-  return {'what': 'input', 'dataset': config.data.name, 'size': config.data.crop_size,
-          'batch_size': batch_size, 'worker_count': workers, 'cores': cores, 'steps': steps,
-          'seconds_per_batch': round(seconds / steps, 4),
-          'images_per_s': round(images_per_s, 2),
-          'images_per_s_per_core': round(images_per_s / cores, 2)}
+  result = {'what': 'input', 'dataset': config.data.name, 'size': config.data.crop_size,
+            'batch_size': batch_size, 'worker_count': workers, 'cores': cores, 'steps': steps,
+            'seconds_per_batch': round(seconds / steps, 4),
+            'images_per_s': round(images_per_s, 2),
+            'images_per_s_per_core': round(images_per_s / cores, 2)}
+  if _SEMSEG_REFERENCE.value:
+    semseg_rate = steps * batch_size / _semseg_way_seconds(config, fake_pairs, batch_size, steps)
+    result.update({'semseg_way_images_per_s': round(semseg_rate, 2),
+                   'speedup_over_semseg_way_per_core': round(images_per_s / cores / semseg_rate,
+                                                             3)})
+  return result
 
 
 _MODES = {'forward': _forward, 'train': _train, 'input': _input}

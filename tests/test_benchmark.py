@@ -51,3 +51,12 @@ def test_input_pipeline_builds_the_synthetic_data_and_counts_images(tmp_path):
   assert result['images_per_s'] > 0
   assert result['images_per_s_per_core'] == result['images_per_s']
   assert os.path.isdir(tmp_path / 'synthetic_context')
+
+
+def test_input_on_fake_ade20k_beside_the_semseg_way():
+  """ADE20K-sized pairs through the real builder and loader, and semseg's loop on the same files."""
+  result = _benchmark(['--what=input', '--steps=2', '--fake_ade20k=3', '--semseg_reference',
+                       '--config.data.crop_size=97'], devices=1)
+  assert (result['what'], result['dataset'], result['size']) == ('input', 'ade20k', 97)
+  for key in ('images_per_s', 'semseg_way_images_per_s', 'speedup_over_semseg_way_per_core'):
+    assert result[key] > 0, key
