@@ -168,12 +168,18 @@ def parse_variant(arg: str | None) -> dict:
 
 
 def for_dataset(name: str, num_classes: int, crop_size: int, num_epochs: int, base_size: int,
-                arg: str | None) -> ml_collections.ConfigDict:
-  """semseg's recipe for dataset `name`, with the `backbone=<depth>` variant from `arg`."""
+                arg: str | None, mmseg_base_scale=(2048, 512)) -> ml_collections.ConfigDict:
+  """semseg's recipe for dataset `name`, with the `backbone=<depth>` variant from `arg`.
+
+  `mmseg_base_scale` is mmseg's resize box for the dataset, used only with
+  data.augment.recipe='mmseg' (whose crops are 512, or 512x1024 and 769 on
+  Cityscapes: set data.crop_size to match).
+  """
   config = get_config()
   config.data.name = name
   config.data.num_classes = num_classes
   config.data.crop_size = crop_size
+  config.data.augment.mmseg_base_scale = mmseg_base_scale
   config.train.num_epochs = num_epochs
   config.eval.crop_size = crop_size
   config.eval.base_size = base_size

@@ -326,8 +326,8 @@ def _wall_and_cpu_seconds(next_batch, steps: int) -> tuple[float, float]:
 
 
 def _semseg_way_seconds(config, pairs, batch_size: int, steps: int) -> tuple[float, float]:
-  """semseg's SemData + transforms: per sample cv2.imread, BGR->RGB, float32, the same
-  augmentation, then np.stack per batch, in one Python loop (its DataLoader worker's work)."""
+  """semseg's SemData + transforms: per sample cv2.imread, BGR->RGB, float32, its whole-image
+  augmentation chain, then np.stack per batch, in one Python loop (its DataLoader worker's work)."""
   rng = np.random.default_rng(0)
 
   def batch(first):
@@ -335,7 +335,7 @@ def _semseg_way_seconds(config, pairs, batch_size: int, steps: int) -> tuple[flo
     for image_path, label_path in (pairs[(first + i) % len(pairs)] for i in range(batch_size)):
       image = cv2.cvtColor(cv2.imread(image_path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
       label = cv2.imread(label_path, cv2.IMREAD_GRAYSCALE)
-      image, label = transforms.semseg_chain(image.astype(np.float32), label, rng, config)
+      image, label = transforms.semseg_chain(image, label, rng, config)
       images.append(image)
       labels.append(label)
     return np.stack(images), np.stack(labels)

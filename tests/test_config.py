@@ -15,10 +15,11 @@ from pspnet_jax.models import create_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize('name,classes,crop,epochs,base_size', [
-    ('ade20k', 150, 473, 100, 512), ('cityscapes', 19, 713, 200, 2048),
-    ('voc2012', 21, 473, 50, 512)])
-def test_dataset_configs_describe_the_official_recipe(name, classes, crop, epochs, base_size):
+@pytest.mark.parametrize('name,classes,crop,epochs,base_size,mmseg_scale', [
+    ('ade20k', 150, 473, 100, 512, (2048, 512)), ('cityscapes', 19, 713, 200, 2048, (2048, 1024)),
+    ('voc2012', 21, 473, 50, 512, (2048, 512))])
+def test_dataset_configs_describe_the_official_recipe(name, classes, crop, epochs, base_size,
+                                                      mmseg_scale):
   config = importlib.import_module(f'configs.{name}').get_config()
   configuration.validate(config)
   assert (config.data.name, config.data.num_classes, config.data.crop_size) == (name, classes, crop)
@@ -28,6 +29,8 @@ def test_dataset_configs_describe_the_official_recipe(name, classes, crop, epoch
   assert (config.eval.base_size, config.eval.crop_size) == (base_size, crop)
   augment = config.data.augment
   assert (augment.scale_min, augment.scale_max, augment.rotate_degrees) == (0.5, 2.0, 10.0)
+  # mmseg's _base_/datasets/<dataset>.py RandomResize scale, for recipe='mmseg'.
+  assert tuple(augment.mmseg_base_scale) == mmseg_scale
   assert config.model.backbone == 'resnet50' and config.model.deep_stem
   assert config.model.output_stride == 8 and tuple(config.model.ppm_bins) == (1, 2, 3, 6)
   assert config.model.aux_weight == 0.4 and config.data.ignore_label == 255

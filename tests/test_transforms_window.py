@@ -2,8 +2,8 @@
 
 `transforms.semseg_chain` (scale, rotate, blur, flip, pad, crop, normalize, each
 step on the whole image, unit-tested step by step in test_data.py) is the
-reference; `transforms.semseg_augment` is what training runs. Images are smooth
-photo-like content with a colour gradient, labels are blocks with scattered
+reference; `transforms.semseg_augment` is what training runs. Images are decoded-like
+uint8 photo content with a colour gradient, labels are blocks with scattered
 ignore pixels, on sizes smaller than, straddling and larger than the crop,
 with each random step forced on and off.
 """
@@ -32,7 +32,7 @@ def photo_pair(height, width, seed):
   blocks = rng.integers(0, 20, (height // 6 + 1, width // 6 + 1), dtype=np.uint8)
   label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
   label[rng.random((height, width)) < 0.02] = 255
-  return np.clip(image, 0, 255).astype(np.float32), label
+  return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
 
 
 def window_config(rotate, blur, flip, scale=(0.5, 2.0)):

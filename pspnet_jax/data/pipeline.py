@@ -117,14 +117,14 @@ class DecodeAndCheck(grain.transforms.Map):
 
 
 class TrainAugment(grain.transforms.RandomMap):
-  """semseg's training augmentation with the record's generator -> normalized crop, int32 label."""
+  """The configured training augmentation with the record's generator -> normalized crop, int32
+  label."""
 
   def __init__(self, config):
     self.config = config
 
   def random_map(self, example, rng: np.random.Generator):
-    image, label = transforms.train_augment(example['image'].astype(np.float32),
-                                            example['label'], rng, self.config)
+    image, label = transforms.train_augment(example['image'], example['label'], rng, self.config)
     return {'image': image, 'label': label.astype(np.int32)}
 
 

@@ -1,6 +1,6 @@
 """Joint image/label augmentation of semseg (`util/transform.py`), and the evaluation resize.
 
-Each step is a pure function of (image float32 HxWx3, label uint8 HxW, rng,
+Each step is a pure function of (image HxWx3, label uint8 HxW, rng,
 parameters) returning the new pair, with OpenCV doing the geometry exactly as
 the official code does (bilinear image, nearest label, the same rotation
 matrix and border values, the same padding split), so augmented crops match
@@ -22,8 +22,12 @@ and ~1 label pixel in 10^5 takes its neighbour's class
 `config.data.augment.recipe = 'mmseg'` selects mmsegmentation's training chain
 instead (RandomResize, RandomCrop with cat_max_ratio, RandomFlip,
 PhotoMetricDistortion, normalize, pad), reproduced step by step with the
-same draws, ranges and rounding as mmseg/mmcv, for comparison with models
-trained there.
+same draws, ranges and rounding as mmseg/mmcv (checked against mmseg 1.x's
+`datasets/transforms/transforms.py`, mmcv's `transforms/processing.py` and
+`SegDataPreProcessor`), for comparison with models trained there. semseg
+works on float32 images from the start; mmseg keeps the decoded uint8 until
+it normalizes, so its resize takes OpenCV's 8-bit fixed-point path. Both
+recipes take the decoded uint8 image.
 """
 
 import cv2
@@ -189,8 +193,10 @@ def photometric_distortion(image, label, rng: np.random.Generator, brightness_de
   step truncates back to uint8). Contrast comes right after brightness or
   last, a coin flip per image; saturation and hue go through OpenCV's 8-bit
   HSV (hue in [0, 180)), the hue shift an integer in [-hue_delta, hue_delta).
+  HSV of the RGB image equals mmseg's HSV of the BGR one.
   """
-  image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+  if image.dtype != np.uint8:
+    raise TypeError(f'photometric_distortion works on uint8 images, as mmseg; got {image.dtype}')
 
   def contrast(image):
     if rng.integers(2):
@@ -229,6 +235,7 @@ def semseg_chain(image, label, rng: np.random.Generator, config):
   normalize (config.data.*). The definition `semseg_augment` is held to, and the
   benchmark's "semseg way"."""
   data, augment = config.data, config.data.augment
+  image = np.asarray(image, np.float32)  # semseg's SemData: np.float32 right after reading
   image, label = rand_scale(image, label, rng, augment.scale_min, augment.scale_max)
   image, label = rand_rotate(image, label, rng, augment.rotate_degrees, augment.rotate_prob,
                              data.mean, data.ignore_label)
@@ -255,6 +262,7 @@ def semseg_augment(image, label, rng: np.random.Generator, config):
   """
   data, augment = config.data, config.data.augment
   crop = data.crop_size
+  image = np.asarray(image, np.float32)
   image, label = rand_scale(image, label, rng, augment.scale_min, augment.scale_max)
   height, width = label.shape
   inverse_rotation = None
@@ -303,8 +311,11 @@ def semseg_augment(image, label, rng: np.random.Generator, config):
 
 
 def _mmseg_augment(image, label, rng: np.random.Generator, config):
-  """mmseg's training chain: resize, crop, flip, photometric distortion, normalize, pad."""
+  """mmseg's training chain on the uint8 image: resize, crop, flip, photometric distortion,
+  normalize, pad."""
   data, augment = config.data, config.data.augment
+  if image.dtype != np.uint8:
+    raise TypeError(f'the mmseg recipe works on the decoded uint8 image, got {image.dtype}')
   image, label = mmseg_random_resize(image, label, rng, augment.mmseg_base_scale,
                                      augment.mmseg_ratio_min, augment.mmseg_ratio_max)
   image, label = mmseg_random_crop(image, label, rng, data.crop_size, augment.cat_max_ratio,
@@ -322,7 +333,8 @@ RECIPES = {'semseg': semseg_augment, 'mmseg': _mmseg_augment}
 
 
 def train_augment(image, label, rng: np.random.Generator, config):
-  """The training augmentation chosen by config.data.augment.recipe -> normalized crop, label."""
+  """The augmentation config.data.augment.recipe names: decoded uint8 image, uint8 label ->
+  normalized float32 crop, uint8 label."""
   recipe = config.data.augment.recipe
   if recipe not in RECIPES:
     raise ValueError(f'config.data.augment.recipe must be one of {sorted(RECIPES)}, '
