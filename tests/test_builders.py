@@ -15,7 +15,7 @@ from PIL import Image
 import pytest
 
 from configs import default
-from pspnet_jax.data import ade20k, builders, folder, pipeline
+from pspnet_jax.data import ade20k, builders, folder, meta, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 40, 50
@@ -84,10 +84,11 @@ def test_ade20k_counts_and_skip_report(built):
   assert reasons.keys() == BAD.keys()
   for stem, reason in BAD.items():
     assert reason in reasons[stem], (stem, reasons[stem])
-  assert train['official'] == 20210 and len(train['class_pixels']) == 150
+  assert train['official'] == 20210 and list(train['class_pixels']) == list(
+      meta.class_names('ade20k'))
   # Uniform labels in 0..150: about 1/151 of the pixels were 0, now ignored.
   assert 0.002 < validation['ignore_ratio'] < 0.02
-  assert sum(validation['class_pixels']) + validation['ignore_ratio'] * NUM_VALIDATION * HEIGHT * \
+  assert sum(validation['class_pixels'].values()) + validation['ignore_ratio'] * NUM_VALIDATION * HEIGHT * \
       WIDTH == pytest.approx(NUM_VALIDATION * HEIGHT * WIDTH)
   on_disk = json.loads((data_dir / 'ade20k_semseg/1.0.0' / builders.REPORT_NAME).read_text())
   assert on_disk == report
@@ -140,6 +141,12 @@ def test_too_many_bad_files_fail(tmp_path):
     folder.builder(root, str(tmp_path / 'tfds')).build(root)
 
 
+def test_repeated_class_names_fail(tmp_path):
+  (tmp_path / 'classes.txt').write_text('water\nboat\nwater\n')
+  with pytest.raises(builders.BuildError, match=r"repeated: \['water'\]"):
+    folder.read_classes(tmp_path)
+
+
 def test_folder_dataset_with_three_classes(tmp_path):
   root = tmp_path / 'My Boats'
   root.mkdir()
@@ -149,6 +156,7 @@ def test_folder_dataset_with_three_classes(tmp_path):
   write_pairs(root, 'images/validation', 'labels/validation', ['d'], 2, rng, mode='P')
   report = folder.builder(root, str(tmp_path / 'tfds')).build(root)
   assert report['num_classes'] == 3 and report['config'] == 'my_boats'
+  assert list(report['splits']['train']['class_pixels']) == ['water', 'boat', 'sky']
   assert [report['splits'][s]['written'] for s in folder.SPLITS] == [3, 1]
   config = default.get_config()
   config.data.update(name='folder', folder_dir=str(root), data_dir=str(tmp_path / 'tfds'),

@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cityscapes as cityscapes_config
-from pspnet_jax.data import builders, cityscapes, pipeline
+from pspnet_jax.data import builders, cityscapes, meta, pipeline
 
 HEIGHT, WIDTH = 24, 48
 # split folder -> {city: number of good pairs}.
@@ -122,7 +122,8 @@ def test_labels_are_train_ids_and_images_exact(built):
     name = name.decode() if isinstance(name, bytes) else name
     assert name.startswith('leftImg8bit/val/') and stored['image'] == (source / name).read_bytes()
   class_pixels = check_labels(source, examples)
-  assert report['splits']['validation']['class_pixels'] == class_pixels[:19].tolist()
+  assert report['splits']['validation']['class_pixels'] == dict(
+      zip(meta.class_names('cityscapes'), class_pixels[:19].tolist()))
 
 
 def test_strict_stops_at_the_corrupt_image(built, tmp_path):

@@ -13,7 +13,7 @@ keep their JPEG bytes: exact, and much smaller than a lossless PNG re-encoding.
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import builders
+from pspnet_jax.data import builders, meta
 
 NUM_CLASSES = 150
 # TFDS split -> the release's folder name.
@@ -34,7 +34,7 @@ class Ade20kSemseg(builders.ValidatingBuilder):
     splits = {split: builders.find_pairs(manual_dir, f'images/{folder}',
                                          f'annotations/{folder}', image_suffixes=('.jpg',))
               for split, folder in _SOURCE_SPLITS.items()}
-    return builders.Source(splits, NUM_CLASSES)
+    return builders.Source(splits, meta.class_names('ade20k'))
 
   def _remap(self, label):
     # uint8 arithmetic would wrap 0 to 255 as well; say it instead.

@@ -22,11 +22,11 @@ removes it on an error and renames it only when every split generator has
 finished.
 
 The report ({split: found, written, skipped, skipped_files [{file, reason}],
-class_pixels, ignore_ratio}) is written as `build_report.json` into the
+class_pixels {class name: pixels}, ignore_ratio}) is written as `build_report.json` into the
 dataset's version folder, next to TFDS's dataset_info.json.
 
 A dataset subclass provides `_read_source(manual_dir)` (its pairs per split
-and its number of classes) and, when its label files need it, `_remap`.
+and its class names) and, when its label files need it, `_remap`.
 """
 
 import abc
@@ -70,9 +70,13 @@ class Pair:
 
 @dataclasses.dataclass
 class Source:
-  """What a dataset's manual_dir holds: pairs per TFDS split, and its number of classes."""
+  """What a dataset's manual_dir holds: pairs per TFDS split, and the names of its classes."""
   splits: dict[str, list[Pair]]
-  num_classes: int
+  class_names: tuple[str, ...]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
 
 
 def require_folders(root: epath.Path, *folders: epath.Path) -> tuple[epath.Path, ...]:
@@ -163,7 +167,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def __init__(self, *, strict: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.strict = strict
-    self._num_classes = None
+    self._class_names = ()
     self._reports = {}
 
   @abc.abstractmethod
@@ -188,7 +192,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _split_generators(self, dl_manager):
     source = self._read_source(epath.Path(dl_manager.manual_dir))
-    self._num_classes = source.num_classes
+    self._class_names = tuple(source.class_names)
     return {split: self._generate_examples(split, pairs)
             for split, pairs in source.splits.items()}
 
@@ -201,7 +205,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     pixels = np.zeros(256, np.int64)
     for pair in pairs:
       try:
-        example, label = read_example(pair, self._remap, self._num_classes)
+        example, label = read_example(pair, self._remap, len(self._class_names))
       except InvalidExample as error:
         if self.strict:
           raise BuildError(f'{pair.name}: {error} (strict: the build stops at the first bad '
@@ -220,7 +224,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     self._reports[split] = {
         'found': found, 'official': official, 'written': written, 'skipped': len(skipped),
         'skipped_files': skipped,
-        'class_pixels': pixels[:self._num_classes].tolist(),
+        'class_pixels': dict(zip(self._class_names, pixels.tolist())),
         'ignore_ratio': float(pixels[IGNORE_LABEL] / max(1, pixels.sum())),
     }
 
@@ -235,7 +239,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     if self._reports:
       report = {'dataset': self.name, 'config': self.builder_config and self.builder_config.name,
-                'num_classes': self._num_classes, 'manual_dir': str(manual_dir),
+                'num_classes': len(self._class_names), 'manual_dir': str(manual_dir),
                 'splits': self._reports}
       self.report_path.write_text(json.dumps(report, indent=1))
     return json.loads(self.report_path.read_text())

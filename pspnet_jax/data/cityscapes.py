@@ -54,7 +54,8 @@ class CityscapesSemseg(builders.ValidatingBuilder):
 
   def _read_source(self, manual_dir):
     return builders.Source(
-        {split: find_pairs(manual_dir, folder) for split, folder in _SPLITS.items()}, NUM_CLASSES)
+        {split: find_pairs(manual_dir, folder) for split, folder in _SPLITS.items()},
+        meta.class_names('cityscapes'))
 
   def _remap(self, label):
     return meta.CITYSCAPES_LABEL_TO_TRAIN[label]

@@ -43,6 +43,9 @@ def read_classes(folder_dir) -> list[str]:
   names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
   if not 1 <= len(names) <= builders.IGNORE_LABEL:
     raise builders.BuildError(f'{path}: {len(names)} classes, need 1..{builders.IGNORE_LABEL}')
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise builders.BuildError(f'{path}: class names must differ; repeated: {repeated}')
   return names
 
 
@@ -54,10 +57,9 @@ class FolderSemseg(builders.ValidatingBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
   def _read_source(self, manual_dir):
-    num_classes = len(read_classes(manual_dir))
     splits = {split: builders.find_pairs(manual_dir, f'images/{split}', f'labels/{split}')
               for split in SPLITS}
-    return builders.Source(splits, num_classes)
+    return builders.Source(splits, read_classes(manual_dir))
 
 
 def builder(folder_dir, data_dir=None, **kwargs) -> FolderSemseg:

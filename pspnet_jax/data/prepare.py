@@ -32,7 +32,8 @@ _MANUAL_DIR = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'TFDS data dir to build into (default: ~/tensorflow_datasets).')
 _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example instead of skipping.')
-# How many skipped files the summary lists; all of them are in build_report.json.
+# How many skipped files (and classes without pixels) the summary lists; all are in
+# build_report.json.
 _LISTED_SKIPS = 20
 
 
@@ -65,6 +66,10 @@ def main(argv):
           f'{numbers["skipped"]} skipped, ignore ratio {numbers["ignore_ratio"]:.3f}')
     for skipped in numbers['skipped_files'][:_LISTED_SKIPS]:
       print(f'    skipped {skipped["file"]}: {skipped["reason"]}')
+    absent = [name for name, pixels in numbers['class_pixels'].items() if pixels == 0]
+    if absent:
+      listed = ', '.join(absent[:_LISTED_SKIPS]) + (', ...' if len(absent) > _LISTED_SKIPS else '')
+      print(f'    {len(absent)} classes have no pixels: {listed}')
   print(f'report: {builder.report_path}')
   print('train on it with: python -m pspnet_jax.main '
         + config_flags(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, report['num_classes'])

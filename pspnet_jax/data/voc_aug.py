@@ -37,7 +37,7 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import builders
+from pspnet_jax.data import builders, meta
 
 NUM_CLASSES = 21
 _VOC = 'VOCdevkit/VOC2012'
@@ -131,4 +131,4 @@ class Voc2012Semseg(builders.ValidatingBuilder):
 
     splits = {'train': sorted((voc_train | extra_ids) - voc_val), 'validation': sorted(voc_val)}
     return builders.Source({split: [pair(id_) for id_ in ids] for split, ids in splits.items()},
-                           NUM_CLASSES)
+                           meta.class_names('voc2012'))
