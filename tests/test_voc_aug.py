@@ -8,6 +8,8 @@ has a corrupt JPEG, a label value 21 and an unreadable .mat; built once per modu
 """
 
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -18,6 +20,7 @@ import scipy.io
 from configs import voc2012
 from pspnet_jax.data import builders, meta, pipeline, voc_aug
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEIGHT, WIDTH = 30, 40
 VOC = 'VOCdevkit/VOC2012'
 VOC_TRAIN, VOC_VAL = ['a0', 'a1', 'a2'], ['v0', 'v1']
@@ -181,8 +184,14 @@ def test_segmentation_class_aug_release(tmp_path):
   write_list(root / VOC / 'ImageSets/Segmentation/train_aug.txt',
              [f'/JPEGImages/{id_}.jpg /SegmentationClassAug/{id_}.png' for id_ in aug_ids])
   data_dir = tmp_path / 'tfds'
-  report = voc_aug.Voc2012Semseg(data_dir=str(data_dir)).build(root)
-  assert report['splits']['train']['skipped'] == 0
+  # Through the prepare command, by the set's usual name.
+  result = subprocess.run(
+      [sys.executable, '-m', 'pspnet_jax.data.prepare', '--dataset=voc_aug',
+       f'--manual_dir={root}', f'--data_dir={data_dir}'],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'--config=configs/voc2012.py --config.data.data_dir={data_dir}' in result.stdout
+  assert 'train: 7 found, official 10582, 7 written, 0 skipped' in result.stdout
   train = load(data_dir, 'train')
   assert train.keys() == (set(VOC_TRAIN) | set(aug_ids)) - set(VOC_VAL)
   for id_, (_, label) in train.items():

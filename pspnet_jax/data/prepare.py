@@ -4,6 +4,7 @@
       [--data_dir=TFDS_DIR] [--strict]
   python -m pspnet_jax.data.prepare --dataset=cityscapes --manual_dir=.../cityscapes
   python -m pspnet_jax.data.prepare --dataset=voc2012 --manual_dir=VOC_ROOT   # train_aug + val
+      (--dataset=voc_aug, the set's usual name, is the same)
   python -m pspnet_jax.data.prepare --dataset=folder --manual_dir=MY_FOLDER [--data_dir=...]
 
 Prints where the dataset went, the build report (also saved as
@@ -22,8 +23,11 @@ OFFICIAL_BUILDERS = {
     'cityscapes': cityscapes.CityscapesSemseg,
     'voc2012': voc_aug.Voc2012Semseg,
 }
+# Other names users know a dataset by -> config.data.name.
+ALIASES = {'voc_aug': 'voc2012'}
 
-_DATASET = flags.DEFINE_enum('dataset', None, [*OFFICIAL_BUILDERS, 'folder'], 'Dataset to build.')
+_DATASET = flags.DEFINE_enum('dataset', None, [*OFFICIAL_BUILDERS, *ALIASES, 'folder'],
+                             'Dataset to build.')
 _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'ade20k: the unpacked ADEChallengeData2016 folder; cityscapes: the '
     'folder holding leftImg8bit/ and gtFine/; voc2012: the folder holding VOCdevkit/ (and '
@@ -53,8 +57,9 @@ def config_flags(dataset: str, manual_dir: str, data_dir: str | None, num_classe
 
 def main(argv):
   del argv
-  if _DATASET.value in OFFICIAL_BUILDERS:
-    builder = OFFICIAL_BUILDERS[_DATASET.value](data_dir=_DATA_DIR.value, strict=_STRICT.value)
+  dataset = ALIASES.get(_DATASET.value, _DATASET.value)
+  if dataset in OFFICIAL_BUILDERS:
+    builder = OFFICIAL_BUILDERS[dataset](data_dir=_DATA_DIR.value, strict=_STRICT.value)
   else:
     builder = folder.builder(_MANUAL_DIR.value, _DATA_DIR.value, strict=_STRICT.value)
   report = builder.build(_MANUAL_DIR.value)
@@ -72,7 +77,7 @@ def main(argv):
       print(f'    {len(absent)} classes have no pixels: {listed}')
   print(f'report: {builder.report_path}')
   print('train on it with: python -m pspnet_jax.main '
-        + config_flags(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, report['num_classes'])
+        + config_flags(dataset, _MANUAL_DIR.value, _DATA_DIR.value, report['num_classes'])
         + ' --workdir=WORKDIR')
 
 
