@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 
 from pspnet_jax.data import builders, meta
 
-NUM_CLASSES = 150
+CLASS_NAMES = meta.class_names('ade20k')  # 150
+NUM_CLASSES = len(CLASS_NAMES)
 # TFDS split -> the release's folder name.
 _SOURCE_SPLITS = {'train': 'training', 'validation': 'validation'}
 
@@ -34,7 +35,7 @@ class Ade20kSemseg(builders.ValidatingBuilder):
     splits = {split: builders.find_pairs(manual_dir, f'images/{folder}',
                                          f'annotations/{folder}', image_suffixes=('.jpg',))
               for split, folder in _SOURCE_SPLITS.items()}
-    return builders.Source(splits, meta.class_names('ade20k'))
+    return builders.Source(splits, CLASS_NAMES)
 
   def _remap(self, label):
     # uint8 arithmetic would wrap 0 to 255 as well; say it instead.

@@ -74,10 +74,6 @@ class Source:
   splits: dict[str, list[Pair]]
   class_names: tuple[str, ...]
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
 
 def require_folders(root: epath.Path, *folders: epath.Path) -> tuple[epath.Path, ...]:
   """`folders`, or BuildError naming the first one that is missing."""

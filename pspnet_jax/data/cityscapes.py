@@ -19,7 +19,6 @@ import tensorflow_datasets as tfds
 
 from pspnet_jax.data import builders, meta
 
-NUM_CLASSES = 19
 _IMAGE_SUFFIX = '_leftImg8bit.png'
 _LABEL_SUFFIX = '_gtFine_labelIds.png'
 # TFDS split -> the release's split folder.

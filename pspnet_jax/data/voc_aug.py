@@ -39,7 +39,8 @@ import tensorflow_datasets as tfds
 
 from pspnet_jax.data import builders, meta
 
-NUM_CLASSES = 21
+CLASS_NAMES = meta.class_names('voc2012')  # background + 20
+NUM_CLASSES = len(CLASS_NAMES)
 _VOC = 'VOCdevkit/VOC2012'
 _LISTS = f'{_VOC}/ImageSets/Segmentation'
 _AUG_LABELS = f'{_VOC}/SegmentationClassAug'
@@ -131,4 +132,4 @@ class Voc2012Semseg(builders.ValidatingBuilder):
 
     splits = {'train': sorted((voc_train | extra_ids) - voc_val), 'validation': sorted(voc_val)}
     return builders.Source({split: [pair(id_) for id_ in ids] for split, ids in splits.items()},
-                           meta.class_names('voc2012'))
+                           CLASS_NAMES)
