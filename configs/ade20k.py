@@ -10,5 +10,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  return default.for_dataset('ade20k', num_classes=150, crop_size=473, num_epochs=100,
-                             base_size=512, arg=arg)
+  return default.for_dataset('ade20k', arg)

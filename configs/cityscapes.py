@@ -10,5 +10,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  return default.for_dataset('cityscapes', num_classes=19, crop_size=713, num_epochs=200,
-                             base_size=2048, arg=arg, mmseg_base_scale=(2048, 1024))
+  return default.for_dataset('cityscapes', arg)

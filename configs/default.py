@@ -1,34 +1,45 @@
 """The config schema: every key pspnet_jax reads, with its default and meaning.
 
-Dataset files (`ade20k.py`, `cityscapes.py`, `voc2012.py`) start from
-`get_config()` here and change what their recipe changes. Any key can be
-overridden on the command line: `--config.model.backbone=resnet101`.
+The defaults are ADE20K's official recipe. Dataset files (`ade20k.py`,
+`cityscapes.py`, `voc2012.py`) are `for_dataset(name)`: the same schema with
+that dataset's classes and recipe, from `pspnet_jax.data.registry`. Any key can
+be overridden on the command line: `--config.model.backbone=resnet101`.
 """
 
 import ml_collections
+
+from pspnet_jax.data import labels, registry
 
 BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """The schema with ADE20K's classes and official recipe as the defaults."""
+  return _schema(registry.get('ade20k'))
+
+
+def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
+  """Every key, with `dataset`'s class count and official recipe where they depend on it."""
+  recipe = dataset.recipe
   config = ml_collections.ConfigDict()
   # Seeds parameter initialization, data order, augmentation and dropout.
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  # Dataset name: synthetic | ade20k | cityscapes | voc2012 | folder (see data.folder_dir).
-  config.data.name = 'ade20k'
+  # Dataset name, a key of pspnet_jax.data.registry.DATASETS: synthetic | ade20k | cityscapes
+  # | voc2012 | folder (see data.folder_dir).
+  config.data.name = dataset.name
   # TFDS data directory; None uses TFDS's default (~/tensorflow_datasets).
   config.data.data_dir = ml_collections.config_dict.placeholder(str)
   # data.name = 'folder': the folder `python -m pspnet_jax.data.prepare --dataset=folder`
   # built from (its name picks the dataset in data_dir; layout in pspnet_jax/data/folder.py).
   config.data.folder_dir = ml_collections.config_dict.placeholder(str)
   # Training crop (square, 8k+1 as in the official code: 473 or 713).
-  config.data.crop_size = 473
-  # Number of classes the model predicts.
-  config.data.num_classes = 150
+  config.data.crop_size = recipe.crop_size
+  # Number of classes the model predicts (training refuses one that is not the dataset's).
+  config.data.num_classes = dataset.num_classes
   # Label value that is ignored by the loss and the metrics.
-  config.data.ignore_label = 255
+  config.data.ignore_label = labels.IGNORE_LABEL
   # TFDS splits for training and for the periodic evaluation.
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
@@ -60,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   # mmseg RandomResize: the (long, short) box the image is fitted into keeping its aspect
   # ratio, times a ratio uniform in [mmseg_ratio_min, mmseg_ratio_max]; mmseg uses
   # (2048, 512) for ADE20K and VOC, (2048, 1024) for Cityscapes.
-  config.data.augment.mmseg_base_scale = (2048, 512)
+  config.data.augment.mmseg_base_scale = recipe.mmseg_base_scale
   config.data.augment.mmseg_ratio_min = 0.5
   config.data.augment.mmseg_ratio_max = 2.0
   # mmseg RandomCrop: up to 10 windows are drawn until no class covers cat_max_ratio
@@ -104,8 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.aux_weight = 0.4
   # Compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32).
   config.model.dtype = 'float32'
-  # ImageNet backbone weights to start from ('' = random init), read by
-  # pspnet_jax.convert.init_model at the start of training: a .pth or .safetensors file.
+  # ImageNet backbone weights to start from ('' = random init): a .pth or .safetensors
+  # file, read once when a run starts fresh (pspnet_jax.train_state; a resumed run never
+  # reads it).
   config.model.pretrained = ''
   # Layout of model.pretrained: semseg-resnet (deep stem, semseg's resnet50_v2.pth)
   # or torchvision-resnet (7x7 stem, torchvision's resnet50-*.pth).
@@ -128,7 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 16
   # Length of the run in steps; when 0, num_epochs * (train examples // batch_size).
   config.train.num_steps = 0
-  config.train.num_epochs = 100
+  config.train.num_epochs = recipe.num_epochs
   # Console / TensorBoard / metrics.jsonl every log_every steps.
   config.train.log_every = 50
   # Checkpoint every checkpoint_every steps (and always at the end).
@@ -145,8 +157,8 @@ def get_config() -> ml_collections.ConfigDict:
   # uses whole: simple, fast and the same shape for every batch.
   config.eval.protocol = 'whole'
   # slide: the long side is resized to scale * base_size, windows of crop_size.
-  config.eval.base_size = 512
-  config.eval.crop_size = 473
+  config.eval.base_size = recipe.eval_base_size
+  config.eval.crop_size = recipe.crop_size
   config.eval.scales = (1.0,)
   config.eval.flip = True
   # Global evaluation batch size (padded with ignored images at the end of the split).
@@ -167,22 +179,17 @@ def parse_variant(arg: str | None) -> dict:
   return variant
 
 
-def for_dataset(name: str, num_classes: int, crop_size: int, num_epochs: int, base_size: int,
-                arg: str | None, mmseg_base_scale=(2048, 512)) -> ml_collections.ConfigDict:
-  """semseg's recipe for dataset `name`, with the `backbone=<depth>` variant from `arg`.
+def for_dataset(name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """semseg's recipe for dataset `name` (registry), with the `backbone=<depth>` variant from `arg`.
 
-  `mmseg_base_scale` is mmseg's resize box for the dataset, used only with
-  data.augment.recipe='mmseg' (whose crops are 512, or 512x1024 and 769 on
-  Cityscapes: set data.crop_size to match).
+  The recipe's mmseg_base_scale is used only with data.augment.recipe='mmseg'
+  (whose crops are 512, or 512x1024 and 769 on Cityscapes: set data.crop_size
+  to match).
   """
-  config = get_config()
-  config.data.name = name
-  config.data.num_classes = num_classes
-  config.data.crop_size = crop_size
-  config.data.augment.mmseg_base_scale = mmseg_base_scale
-  config.train.num_epochs = num_epochs
-  config.eval.crop_size = crop_size
-  config.eval.base_size = base_size
+  dataset = registry.get(name)
+  if dataset.recipe is None:
+    raise ValueError(f'dataset {name!r} has no official recipe; start from get_config()')
+  config = _schema(dataset)
   variant = parse_variant(arg)
   depth = variant.pop('backbone', None)
   if variant:

@@ -16,13 +16,13 @@ Expected (2026-11-21, 2-core CPU, 3 min 55 s): mIoU 57.5, boat / car IoU
 """
 
 from configs import default
-from pspnet_jax.data import synthetic
+from pspnet_jax.data import registry
 
 
 def get_config():
   config = default.get_config()
   config.data.name = 'synthetic'
-  config.data.num_classes = synthetic.NUM_CLASSES
+  config.data.num_classes = registry.get('synthetic').num_classes
   config.data.crop_size = 129
   config.data.synthetic.num_train = 400
   config.data.synthetic.num_validation = 100

@@ -10,5 +10,4 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  return default.for_dataset('voc2012', num_classes=21, crop_size=473, num_epochs=50,
-                             base_size=512, arg=arg)
+  return default.for_dataset('voc2012', arg)

@@ -13,12 +13,16 @@ instead of an orbax stack trace.
 """
 
 import os
+from typing import NamedTuple
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from pspnet_jax import sharding
+from pspnet_jax.models import create_model
 
 # Key of the eval metric that decides which checkpoint is the best one.
 BEST_METRIC = 'eval/mIoU'
@@ -98,7 +102,10 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
     if step is None:
       step = manager.latest_step()
       if step is None:
-        raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+        raise FileNotFoundError(
+            f'no checkpoint in {checkpoint_dir(workdir)}: train there first (python -m '
+            f'pspnet_jax.main --workdir={workdir}) or import weights (python -m '
+            f'pspnet_jax.convert --workdir={workdir} --import_path=...)')
     elif step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
                               f'there are {list(manager.all_steps())}')
@@ -110,6 +117,35 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
   variables = nnx.State(abstract_variables)
   nnx.replace_by_pure_dict(variables, restored['model'])
   return variables, step, restored['meta']
+
+
+class LoadedModel(NamedTuple):
+  model: nnx.Module   # eval mode, variables replicated over the mesh
+  step: int
+  meta: dict          # the checkpoint's meta item (source, config, counters)
+
+
+def load_model(config, workdir: str, step: int | None = None, *, mesh=None) -> LoadedModel:
+  """The model of `config` at checkpoint `step` (default: the latest) of `workdir`.
+
+  The one way every consumer (evaluation, prediction, export, benchmarks)
+  gets a trained model: its shapes come from `nnx.eval_shape`, and the
+  variables are restored straight into replicated shardings over `mesh`
+  (default: all devices), never built at random first.
+  """
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  fresh = lambda: create_model(config, rngs=nnx.Rngs(config.seed))  # noqa: E731
+  graphdef, abstract_variables, _ = nnx.split(nnx.eval_shape(fresh), (nnx.Param, nnx.BatchStat),
+                                              ...)
+  abstract_variables = sharding.with_sharding(abstract_variables, sharding.replicated(mesh))
+  variables, step, meta = restore_model(workdir, abstract_variables, step)
+  # Dropout's random streams are not checkpointed (evaluation never draws from them);
+  # under jit XLA drops the unused parameter initialization.
+  streams = jax.jit(lambda: nnx.split(fresh(), (nnx.Param, nnx.BatchStat), ...)[2],
+                    out_shardings=sharding.replicated(mesh))()
+  model = nnx.merge(graphdef, variables, streams)
+  model.eval()
+  return LoadedModel(model, step, meta)
 
 
 class TrainCheckpointer:

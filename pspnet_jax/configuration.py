@@ -1,13 +1,9 @@
 """Config checks every command runs at start, so a bad value fails by name before any work."""
 
-import os
-
 from pspnet_jax.data.transforms import RECIPES
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.resnet import BACKBONES
-
-# Which stem the ImageNet weights have; the file itself may be .pth or .safetensors.
-PRETRAINED_FORMATS = ('semseg-resnet', 'torchvision-resnet')
+from pspnet_jax.weights import PRETRAINED_FORMATS
 
 
 def _require(condition: bool, key: str, value, expectation: str) -> None:
@@ -43,8 +39,6 @@ def validate(config) -> None:
     _require(optim[key] >= 0, f'optim.{key}', optim[key], 'must be >= 0')
   _require(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum, 'must be in [0, 1)')
   _require(optim.power > 0, 'optim.power', optim.power, 'must be > 0')
-  _require(not model.pretrained or os.path.isfile(model.pretrained), 'model.pretrained',
-           model.pretrained, 'no such file')
   train = config.train
   for key in ('batch_size', 'log_every', 'checkpoint_every', 'max_nonfinite_steps'):
     _require(isinstance(train[key], int) and train[key] >= 1, f'train.{key}', train[key],

@@ -61,3 +61,13 @@ def replicate(tree, mesh: Mesh):
   devices this process cannot address.
   """
   return multihost_utils.host_local_array_to_global_array(tree, mesh, PartitionSpec())
+
+
+def with_sharding(abstract_tree, sharding_):
+  """A tree of shapes (jax.ShapeDtypeStruct or arrays) -> the same shapes placed by `sharding_`.
+
+  The restore target of a checkpoint and the out_shardings of an
+  initialization describe the same state this way.
+  """
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_),
+                      abstract_tree)

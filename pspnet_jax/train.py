@@ -23,35 +23,18 @@ import os
 import signal
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from flax import nnx
 
-from pspnet_jax import checkpoint, configuration, losses, metrics, optim, sharding
-from pspnet_jax.convert import init_model
-from pspnet_jax.data import meta, pipeline
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array            # steps taken (batches consumed), int32
-  applied_steps: jax.Array   # steps whose update was applied (the optimizer's clock), int32
-  params: nnx.State
-  batch_stats: nnx.State
-  opt_state: optax.OptState
-  rngs: nnx.State            # the dropout streams; reseeded from (seed, step) every step
-
-
-def _checkpoint_items(state: TrainState):
-  """What a checkpoint holds of the state: the model variables and the optimizer item."""
-  optimizer = {'opt_state': state.opt_state, 'step': state.step,
-               'applied_steps': state.applied_steps}
-  return nnx.merge_state(state.params, state.batch_stats), optimizer
+from pspnet_jax import (checkpoint, configuration, evaluate, losses, optim, sharding, train_state,
+                        writers)
+from pspnet_jax.data import pipeline, registry
+from pspnet_jax.train_state import TrainState
 
 
 def num_train_steps(config, num_examples: int) -> int:
@@ -73,21 +56,14 @@ def validate(config) -> None:
                      f'logits with labels at the input size, which needs 8')
 
 
-def create_train_state(config, num_steps: int):
-  """A fresh (or pretrained-backbone) model as TrainState.
+def create_train_state(config, mesh, num_steps: int):
+  """A fresh (or pretrained-backbone) TrainState replicated over `mesh`.
 
   Returns (state, train graphdef, eval graphdef, optimizer); the graphdefs
   differ in the BatchNorm / dropout mode, which NNX keeps in the graph.
   """
-  model = init_model(config, rngs=nnx.Rngs(config.seed))
-  model.eval()
-  eval_graphdef = nnx.graphdef(model)
-  model.train()
-  graphdef, params, batch_stats, rngs = nnx.split(model, nnx.Param, nnx.BatchStat, nnx.RngState)
   tx = optim.create_optimizer(config.optim, num_steps)
-  state = TrainState(step=jnp.zeros((), jnp.int32), applied_steps=jnp.zeros((), jnp.int32),
-                     params=params, batch_stats=batch_stats, opt_state=tx.init(params), rngs=rngs)
-  return state, graphdef, eval_graphdef, tx
+  return (train_state.init_train_state(config, tx, mesh), *train_state.graphdefs(config), tx)
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: dict,
@@ -131,13 +107,6 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: 
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, graphdef, num_classes: int, ignore_label: int):
-  """Confusion matrix of the eval-mode model's argmax on a (global) batch."""
-  model = nnx.merge(graphdef, state.params, state.batch_stats, state.rngs)
-  predictions = jnp.argmax(model(batch['image']), axis=-1)
-  return metrics.confusion_matrix(predictions, batch['label'], num_classes, ignore_label)
-
-
 def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
   """train_step under jit: state replicated and donated, batch sharded over `data`."""
   step_fn = functools.partial(
@@ -148,78 +117,6 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)
-
-
-def jit_eval_step(mesh, *, graphdef, config):
-  step_fn = functools.partial(eval_step, graphdef=graphdef, num_classes=config.data.num_classes,
-                              ignore_label=config.data.ignore_label)
-  return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_fn, state: TrainState, config, mesh) -> dict:
-  """Dataset-level metrics of `config.data.eval_split` (see metrics.segmentation_metrics)."""
-  num_classes = config.data.num_classes
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  for batch in pipeline.eval_batches(config):
-    # Padding examples carry only ignore labels, so they add nothing to the counts.
-    del batch['valid']
-    confusion += np.asarray(eval_fn(state, sharding.to_global(batch, mesh)), np.int64)
-  return metrics.segmentation_metrics(confusion)
-
-
-def class_names(config) -> list[str]:
-  if config.data.name in meta.DATASETS:
-    return list(meta.class_names(config.data.name))
-  return [f'class_{index}' for index in range(config.data.num_classes)]
-
-
-class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per write_scalars call to WORKDIR/metrics.jsonl."""
-
-  def __init__(self, path: str):
-    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
-
-  def write_scalars(self, step, scalars):
-    row = {'step': int(step), **{key: float(value) for key, value in scalars.items()}}
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
-
-  def write_summaries(self, step, values, metadata=None):
-    del step, values, metadata
-
-  def write_images(self, step, images):
-    del step, images
-
-  def write_videos(self, step, videos):
-    del step, videos
-
-  def write_audios(self, step, audios, *, sample_rate):
-    del step, audios, sample_rate
-
-  def write_texts(self, step, texts):
-    del step, texts
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    del step, arrays, num_buckets
-
-  def write_hparams(self, hparams):
-    del hparams
-
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    self._file.close()
-
-
-def _create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + metrics.jsonl + console on process 0; console only elsewhere."""
-  if jax.process_index() > 0:
-    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
-  return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
 
 
 class _StopRequest:
@@ -265,20 +162,6 @@ def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
     logging.info('train step: %.3g FLOPs per device per step', cost['flops'])
 
 
-def _write_eval(writer, step: int, results: dict, names: list[str], table: bool) -> None:
-  """One metrics row with the per-class IoUs; `table` also logs the per-class table."""
-  row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
-  # Tags without spaces ('chest of drawers'): TensorBoard rewrites illegal summary names.
-  for name, iou in zip(names, results['IoU']):
-    if not np.isnan(iou):
-      row[f'eval/IoU/{name.replace(" ", "_")}'] = iou
-  if table:
-    lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
-             in enumerate(zip(names, results['IoU'], results['acc']))]
-    logging.info('per-class results at step %d:\n%s', step, '\n'.join(lines))
-  writer.write_scalars(step, row)
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any) and evaluates.
 
@@ -294,25 +177,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_iterator = iter(pipeline.train_loader(config))
   data_layout = {'processes': jax.process_count(), 'worker_count': config.data.worker_count}
 
-  state, graphdef, eval_graphdef, tx = create_train_state(config, num_steps)
-  state = sharding.replicate(state, mesh)
+  tx = optim.create_optimizer(config.optim, num_steps)
+  graphdef, eval_graphdef = train_state.graphdefs(config)
+  names = registry.class_names(config)
   checkpointer = checkpoint.TrainCheckpointer(workdir)
   nonfinite_total = 0
   latest = checkpointer.latest_step()
-  if latest is not None:
-    variables, opt_item, saved_meta = checkpointer.restore(latest, *_checkpoint_items(state),
-                                                     data_iterator, data_layout)
-    params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
-    state = state.replace(params=params, batch_stats=batch_stats)
-    if opt_item is not None:
-      state = state.replace(**opt_item)
+  if latest is None:
+    state = train_state.init_train_state(config, tx, mesh)
+  else:
+    state, saved_meta, has_optimizer = train_state.restore_train_state(
+        config, tx, mesh, checkpointer, latest, data_iterator, data_layout)
+    if has_optimizer:
       nonfinite_total = saved_meta.get('nonfinite_steps', 0)
       if saved_meta.get('num_steps') != num_steps:
         logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
                         'learning-rate schedule changes', latest, saved_meta.get('num_steps'),
                         num_steps)
     logging.info('resumed from checkpoint %d (%s)', latest,
-                 'weights, optimizer and data order' if opt_item else 'weights only')
+                 'weights, optimizer and data order' if has_optimizer else 'weights only')
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -330,10 +213,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info('train step compiled in %.1f s; %d examples per process per step',
                time.perf_counter() - compile_start, local_rows)
   _log_compiled(compiled_step, config, mesh, state)
-  eval_fn = jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
-  names = class_names(config)
+  eval_fn = evaluate.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
 
-  writer = _create_writer(workdir)
+  writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                                     every_steps=config.train.log_every)
   stop = _StopRequest()
@@ -348,8 +230,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'data_layout': data_layout, 'config': json.loads(config.to_json())}
 
   def save(step, eval_metrics=None):
-    checkpointer.save(step, *_checkpoint_items(state), data_iterator, checkpoint_meta(step),
-                      metrics=eval_metrics)
+    checkpointer.save(step, *train_state.checkpoint_items(state), data_iterator,
+                      checkpoint_meta(step), metrics=eval_metrics)
 
   def account(step, step_metrics):
     """Host side of one finished step: the non-finite count and the stop rule."""
@@ -407,15 +289,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        step % config.train.eval_every == 0)
       if eval_now:
         with report_progress.timed('eval'):
-          results = evaluate(eval_fn, state, config, mesh)
-        _write_eval(writer, step, results, names, table=step == num_steps)
+          results = evaluate.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        writers.write_eval(writer, step, results, names, table=step == num_steps)
         save(step, {checkpoint.BEST_METRIC: results['mIoU']})
       elif step % config.train.checkpoint_every == 0:
         save(step)
     else:
       if not results:   # nothing left to train: the run had finished before
-        results = evaluate(eval_fn, state, config, mesh)
-        _write_eval(writer, step, results, names, table=True)
+        results = evaluate.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        writers.write_eval(writer, step, results, names, table=True)
   finally:
     stop.restore()
     checkpointer.wait_until_finished()

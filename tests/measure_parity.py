@@ -3,8 +3,6 @@
 The tests assert bounds; this shows the actual numbers (eval logits, bfloat16 agreement).
 """
 
-import sys
-sys.path.insert(0, 'tests')
 import conftest  # 8 CPU devices, tests folder importable
 import numpy as np, torch, jax.numpy as jnp
 from flax import nnx

@@ -5,9 +5,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from pspnet_jax import checkpoint, convert
+from pspnet_jax import checkpoint, torch_reference, weights
 from pspnet_jax.models.pspnet import PSPNet
-import torch_pspnet
 
 
 def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_ppm=True,
@@ -19,8 +18,8 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   parameters randomized, so that eval mode really exercises every statistic.
   """
   torch.manual_seed(seed)
-  twin = torch_pspnet.PSPNet(depth, classes=classes, deep_base=deep_stem,
-                             output_stride=output_stride, use_ppm=use_ppm, dropout=dropout)
+  twin = torch_reference.PSPNet(depth, classes=classes, deep_base=deep_stem,
+                                output_stride=output_stride, use_ppm=use_ppm, dropout=dropout)
   bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   for bn in bns:
     bn.momentum = None  # cumulative average: after one batch, the batch statistics
@@ -39,7 +38,7 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
                  output_stride=output_stride, use_ppm=use_ppm, dropout=dropout, dtype=dtype,
                  rngs=nnx.Rngs(seed))
   tensors = {k: v.numpy() for k, v in twin.state_dict().items()}
-  nnx.update(model, convert.from_torch_state_dict(tensors, checkpoint.model_variables(model)))
+  nnx.update(model, weights.from_torch_state_dict(tensors, checkpoint.model_variables(model)))
   return twin, model
 
 

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from pspnet_jax.benchmarks import timing
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small synthetic dataset and crop; the demo config's ResNet-18 at output stride 16.
 TINY = ['--config=configs/demo.py', '--config.data.crop_size=65', '--batch_size=2',
@@ -28,6 +32,7 @@ def _benchmark(args: list[str], devices: int) -> dict:
   return json.loads(lines[0])
 
 
+@pytest.mark.slow
 def test_train_step_on_two_devices_beside_the_torch_twin():
   result = _benchmark(['--what=train', '--steps=1', '--torch_reference'], devices=2)
   assert (result['what'], result['backbone'], result['size'], result['batch_size'],
@@ -44,6 +49,7 @@ def test_train_step_on_two_devices_beside_the_torch_twin():
   assert result['torch_threads'] >= 1
 
 
+@pytest.mark.slow
 def test_input_pipeline_builds_the_synthetic_data_and_counts_images(tmp_path):
   result = _benchmark(['--what=input', '--steps=3', f'--config.data.data_dir={tmp_path}'],
                       devices=1)
@@ -53,6 +59,7 @@ def test_input_pipeline_builds_the_synthetic_data_and_counts_images(tmp_path):
   assert os.path.isdir(tmp_path / 'synthetic_context')
 
 
+@pytest.mark.slow
 def test_input_on_fake_ade20k_beside_the_semseg_way():
   """ADE20K-sized pairs through the real builder and loader, and semseg's loop on the same files."""
   result = _benchmark(['--what=input', '--steps=2', '--fake_ade20k=3', '--semseg_reference',
@@ -66,17 +73,16 @@ def test_input_on_fake_ade20k_beside_the_semseg_way():
 def test_cpu_seconds_count_live_child_processes():
   """Grain's workers are child processes: their CPU time must count. A child that
   burns ~0.6 s of CPU and then sleeps, while this process sleeps."""
-  from pspnet_jax import benchmark  # pylint: disable=import-outside-toplevel
-  before = benchmark._cpu_seconds()  # pylint: disable=protected-access
+  before = timing.cpu_seconds()
   child = subprocess.Popen([sys.executable, '-c', (
       'import time\nend = time.process_time() + 0.6\n'
       'while time.process_time() < end: pass\ntime.sleep(30)')])
   try:
     time.sleep(0.3)
-    while child.poll() is None and benchmark._cpu_seconds() - before < 0.6:  # pylint: disable=protected-access
+    while child.poll() is None and timing.cpu_seconds() - before < 0.6:
       time.sleep(0.1)
     assert child.poll() is None
-    assert 0.55 <= benchmark._cpu_seconds() - before < 2.0  # pylint: disable=protected-access
+    assert 0.55 <= timing.cpu_seconds() - before < 2.0
   finally:
     child.kill()
     child.wait()

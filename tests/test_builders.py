@@ -1,4 +1,5 @@
-"""The real-dataset builders on tiny fake trees: validation, the ADE20K shift, prepare, training.
+"""The real-dataset builders on tiny fake trees: validation, the ADE20K shift, a folder's class
+names, prepare, training.
 
 The ADE20K tree has the official layout with 40x50 JPEGs and PNG labels in
 0..150, plus one bad file of each kind in train; built once per module.
@@ -6,45 +7,27 @@ The ADE20K tree has the official layout with 40x50 JPEGs and PNG labels in
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import cv2
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 
 from configs import default
-from pspnet_jax.data import ade20k, builders, folder, meta, pipeline
+from fake_datasets import (PAIR_SIZE, REPO, build, fake_folder, read_split, run_prepare,
+                           write_image, write_label, write_pairs)
+from pspnet_jax.data import ade20k, builders, folder, meta, pipeline, prepare, registry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEIGHT, WIDTH = 40, 50
+HEIGHT, WIDTH = PAIR_SIZE
 NUM_TRAIN, NUM_VALIDATION = 6, 3
 # file stem -> the reason the build must give for skipping it.
 BAD = {'corrupt': 'image does not decode', 'empty': 'image does not decode (0 bytes)',
        'mismatch': 'image is 40x50 but label is 30x50', 'range': 'label values [200]',
        'lonely': 'no label with this image'}
-
-
-def write_jpeg(path, image):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(cv2.imencode('.jpg', image)[1].tobytes())
-
-
-def write_label(path, label, mode='L'):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image = Image.fromarray(label, 'L')
-  if mode == 'P':
-    image = image.convert('P')
-    image.putpalette(np.random.default_rng(0).integers(0, 256, 768, np.uint8).tobytes())
-  image.save(path)
-
-
-def write_pairs(root, image_dir, label_dir, stems, max_label, rng, mode='L'):
-  for stem in stems:
-    write_jpeg(root / image_dir / f'{stem}.jpg', rng.integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8))
-    write_label(root / label_dir / f'{stem}.png',
-                rng.integers(0, max_label + 1, (HEIGHT, WIDTH), np.uint8), mode)
 
 
 def fake_ade20k(root):
@@ -62,16 +45,13 @@ def fake_ade20k(root):
   label = np.ones((HEIGHT, WIDTH), np.uint8)
   label[3, 4] = 200
   write_label(labels / 'range.png', label)
-  write_jpeg(images / 'lonely.jpg', np.zeros((HEIGHT, WIDTH, 3), np.uint8))
+  write_image(images / 'lonely.jpg', np.zeros((HEIGHT, WIDTH, 3), np.uint8))
   return root
 
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-  source = fake_ade20k(tmp_path_factory.mktemp('src') / 'ADEChallengeData2016')
-  data_dir = tmp_path_factory.mktemp('tfds')
-  report = ade20k.Ade20kSemseg(data_dir=str(data_dir)).build(source)
-  return source, data_dir, report
+  return build(tmp_path_factory, ade20k.Ade20kSemseg, fake_ade20k, 'ADEChallengeData2016')
 
 
 def test_ade20k_counts_and_skip_report(built):
@@ -98,18 +78,15 @@ def test_ade20k_images_exact_and_labels_shifted(built):
   source, data_dir, _ = built
   config = default.get_config()
   config.data.data_dir = str(data_dir)
-  examples = pipeline.load_split(config, 'validation')
+  examples = read_split(config, 'validation')
   assert len(examples) == NUM_VALIDATION
-  for example in examples:
-    name = example['file_name']
-    name = name.decode() if isinstance(name, bytes) else name
+  for name, (image, label) in examples.items():
     jpeg = np.fromfile(source / name, np.uint8)
-    np.testing.assert_array_equal(example['image'], cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1])
+    np.testing.assert_array_equal(image, cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1])
     stem = os.path.splitext(os.path.basename(name))[0]
     original = np.array(Image.open(source / 'annotations/validation' / f'{stem}.png'),
                         np.int32)
-    expected = np.where(original == 0, 255, original - 1)
-    np.testing.assert_array_equal(example['label'][..., 0], expected)
+    np.testing.assert_array_equal(label, np.where(original == 0, 255, original - 1))
 
 
 def test_strict_stops_at_first_bad_file(built, tmp_path):
@@ -129,12 +106,9 @@ def test_more_files_than_the_official_release_fail(built, tmp_path, monkeypatch)
 
 
 def test_too_many_bad_files_fail(tmp_path):
-  root = tmp_path / 'many_bad'
-  (root / 'classes.txt').parent.mkdir(parents=True)
-  (root / 'classes.txt').write_text('a\nb\n')
   rng = np.random.default_rng(1)
-  for split in folder.SPLITS:
-    write_pairs(root, f'images/{split}', f'labels/{split}', ['good'], 1, rng)
+  root = fake_folder(tmp_path / 'many_bad', 'a\nb\n', {split: ['good'] for split in folder.SPLITS},
+                     rng)
   write_pairs(root, 'images/train', 'labels/train',
               [f'bad{i}' for i in range(builders.TOLERATED_SKIPS + 1)], 2, rng)
   with pytest.raises(builders.BuildError, match=r'train: 6 of 7 examples are bad.*bad0\.jpg'):
@@ -148,12 +122,11 @@ def test_repeated_class_names_fail(tmp_path):
 
 
 def test_folder_dataset_with_three_classes(tmp_path):
-  root = tmp_path / 'My Boats'
-  root.mkdir()
-  (root / 'classes.txt').write_text('water\nboat\n\nsky\n')
-  rng = np.random.default_rng(2)
-  write_pairs(root, 'images/train', 'labels/train', ['a', 'b', 'c'], 2, rng, mode='P')
-  write_pairs(root, 'images/validation', 'labels/validation', ['d'], 2, rng, mode='P')
+  # Palette colours that are not the class indices.
+  palette = np.random.default_rng(0).integers(0, 256, (256, 3), np.uint8)
+  root = fake_folder(tmp_path / 'My Boats', 'water\nboat\n\nsky\n',
+                     {'train': ['a', 'b', 'c'], 'validation': ['d']}, np.random.default_rng(2),
+                     palette)
   report = folder.builder(root, str(tmp_path / 'tfds')).build(root)
   assert report['num_classes'] == 3 and report['config'] == 'my_boats'
   assert list(report['splits']['train']['class_pixels']) == ['water', 'boat', 'sky']
@@ -175,18 +148,23 @@ def test_unbuilt_dataset_names_prepare_command(tmp_path):
     pipeline.load_split(config, 'train')
 
 
+def test_prepare_prints_flags_a_shell_takes():
+  config = ml_collections.ConfigDict({'data': {'name': 'folder', 'data_dir': '/data',
+                                               'folder_dir': '/src/My Boats'}})
+  assert prepare.config_flags(registry.get('folder'), config, 3) == (
+      "--config=configs/default.py --config.data.name=folder '--config.data.folder_dir=/src/My "
+      "Boats' --config.data.num_classes=3 --config.data.data_dir=/data")
+
+
+@pytest.mark.slow
 def test_prepare_cli_and_two_training_steps(built, tmp_path):
   source = built[0]
   data_dir = tmp_path / 'tfds'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run(
-      [sys.executable, '-m', 'pspnet_jax.data.prepare', '--dataset=ade20k',
-       f'--manual_dir={source}', f'--data_dir={data_dir}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'train: 11 found, official 20210, 6 written, 5 skipped' in result.stdout
-  assert 'skipped images/training/empty.jpg: image does not decode (0 bytes)' in result.stdout
-  assert f'--config=configs/ade20k.py --config.data.data_dir={data_dir}' in result.stdout
+  output = run_prepare('ade20k', source, data_dir, env=env)
+  assert 'train: 11 found, official 20210, 6 written, 5 skipped' in output
+  assert 'skipped images/training/empty.jpg: image does not decode (0 bytes)' in output
+  assert f'--config=configs/ade20k.py --config.data.data_dir={data_dir}' in output
   workdir = tmp_path / 'work'
   result = subprocess.run(
       [sys.executable, '-m', 'pspnet_jax.main', '--config=configs/ade20k.py',
@@ -194,7 +172,32 @@ def test_prepare_cli_and_two_training_steps(built, tmp_path):
        '--config.model.backbone=resnet18', '--config.data.crop_size=33',
        '--config.train.batch_size=2', '--config.train.num_steps=2', '--config.eval.batch_size=2',
        '--config.train.log_every=1'],
-      cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+      cwd=REPO, env=env, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert any('eval/mIoU' in row for row in rows)
+
+
+def test_folder_class_names_come_from_the_build_report(tmp_path):
+  root = fake_folder(tmp_path / 'boats', 'water\nboat\nsky\n',
+                     {'train': ['a'], 'validation': ['b']}, np.random.default_rng(3))
+  config = default.get_config()
+  config.data.update(name='folder', folder_dir=str(root), data_dir=str(tmp_path / 'tfds'),
+                     num_classes=3)
+  # Not built yet: the folder's classes.txt.
+  assert registry.class_names(config) == ('water', 'boat', 'sky')
+  report = folder.builder(root, config.data.data_dir).build(root)
+  assert report['class_names'] == ['water', 'boat', 'sky']
+  # Built: the report keeps the names when the source folder is gone.
+  shutil.rmtree(root)
+  assert registry.class_names(config) == ('water', 'boat', 'sky')
+  np.testing.assert_array_equal(registry.palette(config), meta.voc_palette(3))
+  config.data.num_classes = 4
+  with pytest.raises(ValueError, match=r'config\.data\.num_classes=4.* 3 classes'):
+    registry.class_names(config)
+  with pytest.raises(ValueError, match=r'config\.data\.num_classes=4.* 3 classes'):
+    registry.palette(config)
+  # Neither built nor a folder with classes.txt.
+  config.data.folder_dir = str(tmp_path / 'other')
+  with pytest.raises(FileNotFoundError, match='classes.txt'):
+    registry.class_names(config)

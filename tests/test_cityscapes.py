@@ -8,14 +8,14 @@ in train; the fine build is made once per module.
 
 import json
 
-import cv2
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import cityscapes as cityscapes_config
-from pspnet_jax.data import builders, cityscapes, meta, pipeline
+from fake_datasets import build, file_name, read_split, write_image
+from pspnet_jax.data import builders, cityscapes, meta
 
 HEIGHT, WIDTH = 24, 48
 # split folder -> {city: number of good pairs}.
@@ -38,26 +38,18 @@ def check_labels(source, examples):
   for label_id, train_id in TRAIN_IDS.items():
     table[label_id] = train_id
   pixels = np.zeros(256, np.int64)
-  for example in examples:
-    name = example['file_name']
-    name = name.decode() if isinstance(name, bytes) else name
+  for name, (_, label) in examples.items():
     label_file = name.replace('leftImg8bit', 'gtFine', 1).replace(
         '_leftImg8bit.png', '_gtFine_labelIds.png')
     expected = table[np.array(Image.open(source / label_file))]
-    np.testing.assert_array_equal(example['label'][..., 0], expected, err_msg=name)
+    np.testing.assert_array_equal(label, expected, err_msg=name)
     pixels += np.bincount(expected.ravel(), minlength=256)
   return pixels
 
 
-def write(path, data):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(data)
-
-
 def write_pair(root, folder, city, stem, rng, label_height=HEIGHT):
   image = rng.integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8)
-  write(root / 'leftImg8bit' / folder / city / f'{stem}_leftImg8bit.png',
-        cv2.imencode('.png', image)[1].tobytes())
+  write_image(root / 'leftImg8bit' / folder / city / f'{stem}_leftImg8bit.png', image)
   label_ids = rng.integers(0, 34, (label_height, WIDTH), np.uint8)
   label_ids[0, :34] = np.arange(34)  # every labelId, the ignored ones (0, 1, 9, 14..16, ...) too
   labels = root / 'gtFine' / folder / city
@@ -86,10 +78,7 @@ def fake_cityscapes(root):
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-  source = fake_cityscapes(tmp_path_factory.mktemp('src') / 'cityscapes')
-  data_dir = tmp_path_factory.mktemp('tfds')
-  report = cityscapes.CityscapesSemseg(data_dir=str(data_dir)).build(source)
-  return source, data_dir, report
+  return build(tmp_path_factory, cityscapes.CityscapesSemseg, fake_cityscapes, 'cityscapes')
 
 
 def test_counts_and_skip_report(built):
@@ -113,14 +102,14 @@ def test_labels_are_train_ids_and_images_exact(built):
   source, data_dir, report = built
   config = cityscapes_config.get_config()
   config.data.data_dir = str(data_dir)
-  examples = pipeline.load_split(config, 'validation')
+  examples = read_split(config, 'validation')
   raw = tfds.builder('cityscapes_semseg', data_dir=str(data_dir)).as_data_source(
       'validation', decoders={'image': tfds.decode.SkipDecoding()})
   assert len(examples) == len(raw) == 3
-  for example, stored in zip(examples, raw):
-    name = example['file_name']
-    name = name.decode() if isinstance(name, bytes) else name
+  for stored in raw:
+    name = file_name(stored)
     assert name.startswith('leftImg8bit/val/') and stored['image'] == (source / name).read_bytes()
+  assert examples.keys() == {file_name(stored) for stored in raw}
   class_pixels = check_labels(source, examples)
   assert report['splits']['validation']['class_pixels'] == dict(
       zip(meta.class_names('cityscapes'), class_pixels[:19].tolist()))

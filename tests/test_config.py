@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import default
 from pspnet_jax import configuration
+from pspnet_jax.data import registry
 from pspnet_jax.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,20 +41,38 @@ def test_dataset_configs_describe_the_official_recipe(name, classes, crop, epoch
   assert model.cls.classifier.kernel.shape == (1, 1, 512, classes)
 
 
+@pytest.mark.parametrize('name', [n for n, d in registry.DATASETS.items() if d.recipe])
+def test_dataset_configs_take_classes_and_recipe_from_the_registry(name):
+  dataset = registry.get(name)
+  assert dataset.config_file == f'configs/{name}.py'
+  config = importlib.import_module(f'configs.{name}').get_config()
+  recipe = dataset.recipe
+  assert config.data.num_classes == len(dataset.class_names)
+  assert (config.data.crop_size, config.eval.crop_size) == (recipe.crop_size, recipe.crop_size)
+  assert config.eval.base_size == recipe.eval_base_size
+  assert config.train.num_epochs == recipe.num_epochs
+  assert tuple(config.data.augment.mmseg_base_scale) == recipe.mmseg_base_scale
+
+
+def test_defaults_are_ade20ks_recipe():
+  assert default.get_config().to_dict() == default.for_dataset('ade20k', None).to_dict()
+  with pytest.raises(ValueError, match="'folder' has no official recipe"):
+    default.for_dataset('folder', None)
+
+
 @pytest.mark.parametrize('arg,message', [('backbone=77', 'backbone=77'), ('depth=50', 'depth'),
                                          ('backbone', 'not key=value')])
 def test_bad_variants_are_named(arg, message):
   with pytest.raises(ValueError, match=message):
-    default.for_dataset('ade20k', 150, 473, 100, 512, arg)
+    default.for_dataset('ade20k', arg)
 
 
 @pytest.mark.parametrize('key,value', [
     ('model.backbone', 'resnet51'), ('model.output_stride', 4), ('model.dtype', 'float16'),
     ('model.dropout', 1.5), ('data.num_classes', 0), ('data.ignore_label', 100),
-    ('model.ppm_bins', ()), ('model.pretrained', '/nonexistent/resnet50.pth'),
-    ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3), ('train.batch_size', 0),
-    ('train.log_every', 0), ('train.num_epochs', 0), ('eval.batch_size', 0),
-    ('data.augment.recipe', 'autoaugment')])
+    ('model.ppm_bins', ()), ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3),
+    ('train.batch_size', 0), ('train.log_every', 0), ('train.num_epochs', 0),
+    ('eval.batch_size', 0), ('data.augment.recipe', 'autoaugment')])
 def test_validation_names_the_bad_key(key, value):
   config = default.get_config()
   section, field = key.rsplit('.', 1)
@@ -62,6 +81,7 @@ def test_validation_names_the_bad_key(key, value):
     configuration.validate(config)
 
 
+@pytest.mark.slow
 def test_command_line_override_is_validated():
   result = subprocess.run(
       [sys.executable, '-m', 'pspnet_jax.convert', '--config=configs/ade20k.py',

@@ -11,9 +11,9 @@ from flax import nnx
 from safetensors.torch import load_file as load_safetensors_torch
 
 from configs import ade20k, default
-from pspnet_jax import checkpoint, convert
+from pspnet_jax import checkpoint, weights
 from pspnet_jax.models import create_model
-import torch_pspnet
+from pspnet_jax import torch_reference as torch_pspnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,9 +43,9 @@ def test_semseg_import_export_round_trip_is_bitwise(tmp_path):
   config = ade20k.get_config()
   official = torch_pspnet.PSPNet(50, classes=150)
   original = _official_checkpoint(official, tmp_path / 'train_epoch_7.pth')
-  convert.import_weights(config, str(tmp_path / 'run'), str(tmp_path / 'train_epoch_7.pth'),
+  weights.import_weights(config, str(tmp_path / 'run'), str(tmp_path / 'train_epoch_7.pth'),
                          'semseg')
-  convert.export_weights(config, str(tmp_path / 'run'), str(tmp_path / 'out.pth'), 'semseg')
+  weights.export_weights(config, str(tmp_path / 'run'), str(tmp_path / 'out.pth'), 'semseg')
   exported = torch.load(tmp_path / 'out.pth', weights_only=True)
   assert exported['epoch'] == 7
   state_dict = {k.removeprefix('module.'): v for k, v in exported['state_dict'].items()}
@@ -57,6 +57,7 @@ def test_semseg_import_export_round_trip_is_bitwise(tmp_path):
   torch_pspnet.PSPNet(50, classes=150).load_state_dict(state_dict, strict=True)
 
 
+@pytest.mark.slow
 def test_cli_import_then_export_safetensors_loads_strictly(tmp_path):
   official = torch_pspnet.PSPNet(18, classes=21)
   original = _official_checkpoint(official, tmp_path / 'ckpt.pth')
@@ -86,12 +87,10 @@ def test_backbone_import_sets_backbone_and_leaves_heads(tmp_path, fmt, deep_stem
   state_dict['fc.bias'] = torch.randn(1000)
   torch.save(state_dict, tmp_path / 'resnet.pth')
   config = _small_config(deep_stem=deep_stem)
-  before = convert.to_torch_state_dict(
-      checkpoint.model_variables(convert.init_model(config, rngs=nnx.Rngs(0))))
-  config.model.pretrained = str(tmp_path / 'resnet.pth')
-  config.model.pretrained_format = fmt
-  model = convert.init_model(config, rngs=nnx.Rngs(0))
-  after = convert.to_torch_state_dict(checkpoint.model_variables(model))
+  variables = checkpoint.model_variables(create_model(config, rngs=nnx.Rngs(0)))
+  before = weights.to_torch_state_dict(variables)
+  after = weights.to_torch_state_dict(weights.backbone_from_file(
+      variables, str(tmp_path / 'resnet.pth'), fmt, deep_stem=deep_stem))
   stem = {'conv1.': 'layer0.0.', 'bn1.': 'layer0.1.', 'conv2.': 'layer0.3.', 'bn2.': 'layer0.4.',
           'conv3.': 'layer0.6.', 'bn3.': 'layer0.7.'}
   for name, tensor in state_dict.items():
@@ -108,17 +107,18 @@ def test_backbone_import_sets_backbone_and_leaves_heads(tmp_path, fmt, deep_stem
 def test_backbone_with_the_other_stem_is_refused(tmp_path):
   torch.save(torch_pspnet.ResNet(18, deep_base=False).state_dict(), tmp_path / 'tv.pth')
   with pytest.raises(ValueError, match='deep_stem'):
-    convert.import_weights(_small_config(deep_stem=True), str(tmp_path / 'run'),
+    weights.import_weights(_small_config(deep_stem=True), str(tmp_path / 'run'),
                            str(tmp_path / 'tv.pth'), 'torchvision-resnet')
   model = create_model(_small_config(deep_stem=True), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'conv2\.weight .*missing'):
-    convert.load_pretrained_backbone(model, str(tmp_path / 'tv.pth'), 'semseg-resnet')
+    weights.backbone_from_file(checkpoint.model_variables(model), str(tmp_path / 'tv.pth'),
+                               'semseg-resnet', deep_stem=True)
 
 
 def _import_error(tmp_path, state_dict, config=None):
   torch.save(state_dict, tmp_path / 'bad.pth')
   with pytest.raises(ValueError) as error:
-    convert.import_weights(config or _small_config(), str(tmp_path / 'run'),
+    weights.import_weights(config or _small_config(), str(tmp_path / 'run'),
                            str(tmp_path / 'bad.pth'), 'semseg')
   assert checkpoint.all_steps(str(tmp_path / 'run')) == []  # nothing half-written
   return str(error.value)
@@ -143,22 +143,22 @@ def test_corrupt_file_and_missing_torch_are_explained(tmp_path, monkeypatch):
   corrupt = tmp_path / 'corrupt.pth'
   corrupt.write_bytes(b'\x80\x02 not a checkpoint')
   with pytest.raises(ValueError, match='corrupt.pth is not a readable PyTorch checkpoint'):
-    convert.read_tensors(str(corrupt))
+    weights.read_tensors(str(corrupt))
   (tmp_path / 'bad.safetensors').write_bytes(b'garbage')
   with pytest.raises(ValueError, match='bad.safetensors is not a readable safetensors'):
-    convert.read_tensors(str(tmp_path / 'bad.safetensors'))
+    weights.read_tensors(str(tmp_path / 'bad.safetensors'))
   with pytest.raises(FileNotFoundError, match='no weights file'):
-    convert.read_tensors(str(tmp_path / 'absent.pth'))
+    weights.read_tensors(str(tmp_path / 'absent.pth'))
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(ImportError, match='pip install torch'):
-    convert.read_tensors(str(corrupt))
+    weights.read_tensors(str(corrupt))
 
 
 def test_import_refuses_a_workdir_with_checkpoints(tmp_path):
   torch.save(torch_pspnet.PSPNet(18, classes=21).state_dict(), tmp_path / 'w.pth')
-  convert.import_weights(_small_config(), str(tmp_path / 'run'), str(tmp_path / 'w.pth'), 'semseg')
+  weights.import_weights(_small_config(), str(tmp_path / 'run'), str(tmp_path / 'w.pth'), 'semseg')
   with pytest.raises(FileExistsError, match='already has checkpoints'):
-    convert.import_weights(_small_config(), str(tmp_path / 'run'), str(tmp_path / 'w.pth'),
+    weights.import_weights(_small_config(), str(tmp_path / 'run'), str(tmp_path / 'w.pth'),
                            'semseg')
 
 

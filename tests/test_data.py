@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from pspnet_jax.data import pipeline, synthetic, transforms
+from fake_datasets import block_label
+from pspnet_jax.data import labels, pipeline, synthetic, transforms
 
-IGNORE = 255
+IGNORE = labels.IGNORE_LABEL
 MEAN = default.get_config().data.mean
 STD = default.get_config().data.std
 
@@ -146,9 +147,7 @@ def test_boat_and_car_colours_match_and_differ_from_water_and_road():
 
 def coded_pair(height, width, classes=(0, 3, 5), seed=0):
   """A label of random blocks and an image whose pixels encode it: channel 0 = 10 * class."""
-  rng = np.random.default_rng(seed)
-  blocks = rng.choice(classes, size=(-(-height // 4), -(-width // 4)))
-  label = np.kron(blocks, np.ones((4, 4), np.uint8))[:height, :width].astype(np.uint8)
+  label = block_label(height, width, classes, 4, seed)
   image = np.stack([label * 10.0, np.arange(width)[None, :].repeat(height, 0),
                     np.arange(height)[:, None].repeat(width, 1)], -1).astype(np.float32)
   return image, label

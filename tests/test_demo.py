@@ -16,6 +16,9 @@ import pytest
 from demo_runs import REPO, demo_config, main_command, read_rows
 from pspnet_jax.data import pipeline, synthetic
 
+# Whole training runs: CI runs them, `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 OVERRIDES = {
     'data.synthetic.min_size': 129, 'data.synthetic.max_size': 161,
     'data.synthetic.num_train': 200, 'data.synthetic.num_validation': 40,

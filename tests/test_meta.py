@@ -1,9 +1,13 @@
-"""Class names, palettes and the Cityscapes labelId -> trainId table against the official lists."""
+"""Class names, palettes and the Cityscapes labelId -> trainId table against the official lists;
+the dataset registry that indexes them, complete and consistent with the configs."""
+
+import importlib
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from pspnet_jax.data import meta, synthetic
+from pspnet_jax.data import builders, meta, registry, synthetic
 
 COUNTS = {'ade20k': 150, 'cityscapes': 19, 'voc2012': 21, 'synthetic': 7}
 
@@ -82,3 +86,61 @@ def test_unknown_dataset_is_rejected():
     meta.class_names('coco')
   with pytest.raises(ValueError, match='coco'):
     meta.palette('coco')
+
+
+def dataset_config(dataset):
+  """The config of `dataset`'s own config file."""
+  module = dataset.config_file.removesuffix('.py').replace('/', '.')
+  return importlib.import_module(module).get_config()
+
+
+@pytest.mark.parametrize('name', sorted(registry.DATASETS))
+def test_every_dataset_has_a_builder_and_matching_names_and_palette(name):
+  dataset = registry.get(name)
+  assert dataset.name == name
+  assert issubclass(dataset.builder, tfds.core.DatasetBuilder)
+  assert callable(dataset.builder.for_config)
+  if dataset.class_names is None:  # the folder: its own classes.txt
+    assert dataset.palette is None and dataset.config_file is None
+    return
+  assert dataset.class_names == meta.class_names(name) and len(dataset.class_names) == COUNTS[name]
+  assert dataset.palette.shape == (dataset.num_classes, 3)
+  config = dataset_config(dataset)
+  assert config.data.name == name
+  assert registry.class_names(config) == dataset.class_names
+  np.testing.assert_array_equal(registry.palette(config), meta.palette(name))
+
+
+def test_tfds_names_and_official_sizes():
+  assert len({d.tfds_name for d in registry.DATASETS.values()}) == len(registry.DATASETS)
+  sizes = {name: d.official_sizes for name, d in registry.DATASETS.items() if d.official_sizes}
+  # The releases' split sizes (ADEChallengeData2016, Cityscapes gtFine, VOC train_aug / val).
+  assert sizes == {'ade20k': {'train': 20210, 'validation': 2000},
+                   'cityscapes': {'train': 2975, 'validation': 500},
+                   'voc2012': {'train': 10582, 'validation': 1449}}
+  # Only the synthetic dataset is generated; the others are validated builds from files.
+  assert [d.name for d in registry.DATASETS.values() if d.generated] == ['synthetic']
+  assert all(issubclass(d.builder, builders.ValidatingBuilder)
+             for d in registry.DATASETS.values() if not d.generated)
+
+
+def test_aliases_and_unknown_names():
+  assert registry.get('voc_aug') is registry.get('voc2012')
+  with pytest.raises(ValueError, match="config.data.name='coco'"):
+    registry.get('coco')
+
+
+@pytest.mark.parametrize('name', ['ade20k', 'synthetic'])
+def test_num_classes_other_than_the_datasets_is_refused_by_name(name):
+  config = dataset_config(registry.get(name))
+  config.data.num_classes = 5
+  with pytest.raises(ValueError, match=rf'config\.data\.num_classes=5.* {COUNTS[name]} classes'):
+    registry.class_names(config)
+
+
+def test_registry_palette_is_a_copy():
+  config = dataset_config(registry.get('voc2012'))
+  registry.palette(config)[1] = 0
+  assert tuple(registry.palette(config)[1]) == (128, 0, 0)
+  with pytest.raises(ValueError, match='read-only'):
+    registry.get('voc2012').palette[1] = 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 from flax import nnx
 
-from pspnet_jax import checkpoint, convert, losses
+from pspnet_jax import checkpoint, losses, weights
 from pspnet_jax.models.pspnet import PSPNet
-import torch_pspnet
+from pspnet_jax import torch_reference as torch_pspnet
 from parity import forward, make_twins, max_relative_diff, nchw, nhwc
 
 
@@ -21,7 +21,7 @@ def test_parameter_count_and_state_dict_names(backbone, expected_params, expecte
   model = nnx.eval_shape(lambda: PSPNet(150, backbone=backbone, rngs=nnx.Rngs(0)))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert sum(p.size for p in params) == expected_params
-  names = [convert.torch_name(path, convert._SEMSEG_RENAMES)
+  names = [weights.semseg_name(path)
            for path in checkpoint.flatten(checkpoint.model_variables(model).to_pure_dict())]
   num_bn = sum(name.endswith('running_mean') for name in names)
   assert len(names) + num_bn == expected_keys  # + num_batches_tracked per BatchNorm
@@ -88,18 +88,23 @@ def test_train_mode_forward_statistics_and_gradients_equal_twin(depth, size):
     assert error <= max(1e-4, 2 * torch_error), (error, torch_error)
 
   # Running statistics after one train step (unbiased variance, momentum 0.1).
-  ours = convert.to_torch_state_dict(checkpoint.model_variables(model))
+  ours = weights.to_torch_state_dict(checkpoint.model_variables(model))
   for name, value in stats64.items():
     if 'running' in name:
       np.testing.assert_allclose(ours[name], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
 
-  ours = convert.to_torch_state_dict(grads)
+  ours = weights.to_torch_state_dict(grads)
   assert set(ours) == set(grads64)
-  names = sorted(grads64)
+  # The stem ends in a max-pool: where two values of a window are within float32 noise
+  # (the Kaiming-initialized stem has a few at 1e-5), either implementation may route the
+  # gradient to the other pixel, so the stem is held to the per-tensor bound only.
+  # The float32 twin's error is one draw of float32 rounding: 2e-5 on this batch, 1e-3 to
+  # 8e-3 on the next five seeds of the images; hence the 1e-4 floor.
+  names = sorted(name for name in grads64 if not name.startswith('layer0.'))
   flat = lambda g: np.concatenate([np.ravel(g[n]) for n in names])
   error, torch_error = (_relative_l2(flat(g), flat(grads64)) for g in (ours, grads32))
-  assert error <= 1.5 * torch_error + 1e-6, (error, torch_error)
-  for name in names:
+  assert error <= max(1.5 * torch_error, 1e-4), (error, torch_error)
+  for name in grads64:
     assert _relative_l2(ours[name], grads64[name]) <= 0.05, name
 
 

@@ -9,9 +9,14 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 from demo_runs import REPO, demo_config, main_command, read_rows
 from pspnet_jax.data import synthetic
 from test_resume import OVERRIDES
+
+# Whole training runs: CI runs them, `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
 
 NUM_STEPS = 4
 

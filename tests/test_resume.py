@@ -20,6 +20,9 @@ from pspnet_jax import checkpoint, train
 from pspnet_jax.data import pipeline
 from pspnet_jax.models import create_model
 
+# Whole training runs: CI runs them, `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 24
 OVERRIDES = {
     'data.synthetic.num_train': 24, 'data.synthetic.num_validation': 5,
@@ -154,6 +157,6 @@ def test_consecutive_nonfinite_steps_stop_with_the_checkpoint_intact(tmp_path, m
 
 def test_checkpoint_of_another_model_is_refused_by_name(runs, tmp_path):
   straight, _, _ = runs
-  config = small_config(str(tmp_path / 'tfds'), **{'data.num_classes': 9})
+  config = small_config(str(tmp_path / 'tfds'), **{'model.use_ppm': False})
   with pytest.raises(ValueError, match='does not match the model of the config'):
     train.train_and_evaluate(config, straight)

@@ -32,8 +32,7 @@ def make_batch(config, seed=0):
 
 
 def run_step(config, mesh, batch, num_steps=10):
-  state, graphdef, _, tx = train.create_train_state(config, num_steps)
-  state = sharding.replicate(state, mesh)
+  state, graphdef, _, tx = train.create_train_state(config, mesh, num_steps)
   step = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
   before = jax.device_get(state)
   after, step_metrics = step(state, sharding.to_global(batch, mesh))
@@ -123,8 +122,7 @@ def test_learning_rates_follow_the_official_formula_for_both_groups():
   num_steps = 6
   config = small_config(**{'optim.base_lr': 0.02, 'data.crop_size': 33})
   mesh = sharding.make_mesh()
-  state, graphdef, _, tx = train.create_train_state(config, num_steps)
-  state = sharding.replicate(state, mesh)
+  state, graphdef, _, tx = train.create_train_state(config, mesh, num_steps)
   step = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
   batch = sharding.to_global(make_batch(config), mesh)
   for k in range(num_steps):

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 
 from configs import default
-from pspnet_jax.data import transforms
+from fake_datasets import block_label
+from pspnet_jax.data import labels, transforms
 
-IGNORE = 255
+IGNORE = labels.IGNORE_LABEL
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
 
 def coded_pair(height, width, classes=(0, 3, 5), block=4, seed=0):
   """A label of random blocks and an image whose channel 0 is 10 * the pixel's class."""
-  rng = np.random.default_rng(seed)
-  blocks = rng.choice(classes, size=(-(-height // block), -(-width // block)))
-  label = np.kron(blocks, np.ones((block, block), np.uint8))[:height, :width].astype(np.uint8)
+  label = block_label(height, width, classes, block, seed)
   image = np.stack([label * 10, np.full(label.shape, 50), np.full(label.shape, 200)], -1)
   return image.astype(np.uint8), label
 

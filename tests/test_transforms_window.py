@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from pspnet_jax.data import transforms
+from pspnet_jax.data import labels, transforms
 
 CROP = 65
 # Rotated windows sample OpenCV's float coordinates from another origin than
@@ -31,7 +31,7 @@ def photo_pair(height, width, seed):
   image += np.linspace(0, 40, width, dtype=np.float32)[None, :, None]
   blocks = rng.integers(0, 20, (height // 6 + 1, width // 6 + 1), dtype=np.uint8)
   label = cv2.resize(blocks, (width, height), interpolation=cv2.INTER_NEAREST)
-  label[rng.random((height, width)) < 0.02] = 255
+  label[rng.random((height, width)) < 0.02] = labels.IGNORE_LABEL
   return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
 
 

@@ -8,8 +8,6 @@ has a corrupt JPEG, a label value 21 and an unreadable .mat; built once per modu
 """
 
 import os
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -18,9 +16,10 @@ import pytest
 import scipy.io
 
 from configs import voc2012
-from pspnet_jax.data import builders, meta, pipeline, voc_aug
+from fake_datasets import build, read_split, run_prepare, write_image, write_label
+from pspnet_jax.data import builders, labels, meta, registry, voc_aug
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = registry.get('voc2012').num_classes
 HEIGHT, WIDTH = 30, 40
 VOC = 'VOCdevkit/VOC2012'
 VOC_TRAIN, VOC_VAL = ['a0', 'a1', 'a2'], ['v0', 'v1']
@@ -38,29 +37,17 @@ def write_list(path, lines):
 
 def random_label(rng):
   """Classes 0..20 with a row of boundary (255), as VOC and SBD labels have."""
-  label = rng.integers(0, voc_aug.NUM_CLASSES, (HEIGHT, WIDTH), np.uint8)
-  label[HEIGHT // 2] = builders.IGNORE_LABEL
+  label = rng.integers(0, NUM_CLASSES, (HEIGHT, WIDTH), np.uint8)
+  label[HEIGHT // 2] = labels.IGNORE_LABEL
   return label
 
 
-def write_image(root, id_, rng):
-  path = root / VOC / 'JPEGImages' / f'{id_}.jpg'
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(cv2.imencode('.jpg', rng.integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8))[1]
-                   .tobytes())
-
-
-def write_png(path, label, palette):
-  """A label PNG: mode P with the VOC palette (colours are not the indices), or grey."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  image = Image.fromarray(label, 'L')
-  if palette:
-    image = image.convert('P')
-    colours = np.zeros((256, 3), np.uint8)
-    colours[:voc_aug.NUM_CLASSES] = meta.voc_palette(voc_aug.NUM_CLASSES)
-    colours[builders.IGNORE_LABEL] = (224, 224, 192)  # VOC's boundary colour
-    image.putpalette(colours.tobytes())
-  image.save(path)
+def voc_colours():
+  """The palette of VOC's label PNGs: the class colours, and the boundary colour for 255."""
+  colours = np.zeros((256, 3), np.uint8)
+  colours[:NUM_CLASSES] = meta.voc_palette(NUM_CLASSES)
+  colours[labels.IGNORE_LABEL] = (224, 224, 192)
+  return colours
 
 
 def write_mat(path, label):
@@ -72,9 +59,10 @@ def write_mat(path, label):
 def fake_voc(root, rng):
   """VOC 2012's images, SegmentationClass and split lists for VOC and SBD's ids."""
   for id_ in sorted(set(VOC_TRAIN + VOC_VAL + SBD_TRAIN + SBD_VAL)):
-    write_image(root, id_, rng)
+    write_image(root / VOC / 'JPEGImages' / f'{id_}.jpg',
+                rng.integers(0, 256, (HEIGHT, WIDTH, 3), np.uint8))
   for id_ in VOC_TRAIN + VOC_VAL:
-    write_png(root / VOC / 'SegmentationClass' / f'{id_}.png', random_label(rng), palette=True)
+    write_label(root / VOC / 'SegmentationClass' / f'{id_}.png', random_label(rng), voc_colours())
   write_list(root / VOC / 'ImageSets/Segmentation/train.txt', VOC_TRAIN)
   write_list(root / VOC / 'ImageSets/Segmentation/val.txt', VOC_VAL)
 
@@ -107,21 +95,13 @@ def load(data_dir, split):
   """{id: (image, label)} of a built split, read back as training reads it."""
   config = voc2012.get_config()
   config.data.data_dir = str(data_dir)
-  examples = {}
-  for example in pipeline.load_split(config, split):
-    name = example['file_name']
-    name = name.decode() if isinstance(name, bytes) else name
-    examples[os.path.splitext(os.path.basename(name))[0]] = (example['image'],
-                                                              example['label'][..., 0])
-  return examples
+  return {os.path.splitext(os.path.basename(name))[0]: example
+          for name, example in read_split(config, split).items()}
 
 
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
-  source = fake_sbd_mat(tmp_path_factory.mktemp('src'))
-  data_dir = tmp_path_factory.mktemp('tfds')
-  report = voc_aug.Voc2012Semseg(data_dir=str(data_dir)).build(source)
-  return source, data_dir, report
+  return build(tmp_path_factory, voc_aug.Voc2012Semseg, fake_sbd_mat)
 
 
 def test_fake_labels_are_stored_as_the_releases_store_them(built):
@@ -161,7 +141,7 @@ def test_labels_are_the_source_indices(built, split):
     expected = read_label(voc if voc.exists() else
                           source / 'benchmark_RELEASE/dataset/cls' / f'{id_}.mat')
     np.testing.assert_array_equal(label, expected, err_msg=id_)
-    assert (label[HEIGHT // 2] == builders.IGNORE_LABEL).all()
+    assert (label[HEIGHT // 2] == labels.IGNORE_LABEL).all()
     jpeg = np.fromfile(source / VOC / 'JPEGImages' / f'{id_}.jpg', np.uint8)
     np.testing.assert_array_equal(image, cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1])
 
@@ -172,33 +152,37 @@ def test_strict_stops_at_first_bad_file(built, tmp_path):
   assert list((tmp_path / 'voc2012_semseg').iterdir()) == []
 
 
-def test_segmentation_class_aug_release(tmp_path):
-  root = tmp_path / 'src'
+@pytest.fixture(scope='module')
+def aug_release(tmp_path_factory):
+  """A tree with SBD as DeepLab's SegmentationClassAug PNGs and train_aug.txt."""
+  root = tmp_path_factory.mktemp('aug') / 'src'
   rng = np.random.default_rng(1)
   fake_voc(root, rng)
-  aug_ids = SBD_TRAIN + SBD_VAL
-  for id_ in aug_ids:
-    write_png(root / VOC / 'SegmentationClassAug' / f'{id_}.png', random_label(rng),
-              palette=False)
+  for id_ in SBD_TRAIN + SBD_VAL:
+    write_label(root / VOC / 'SegmentationClassAug' / f'{id_}.png', random_label(rng))
   # DeepLab's list format; it includes v0 (VOC val), which must stay out of train.
   write_list(root / VOC / 'ImageSets/Segmentation/train_aug.txt',
-             [f'/JPEGImages/{id_}.jpg /SegmentationClassAug/{id_}.png' for id_ in aug_ids])
-  data_dir = tmp_path / 'tfds'
-  # Through the prepare command, by the set's usual name.
-  result = subprocess.run(
-      [sys.executable, '-m', 'pspnet_jax.data.prepare', '--dataset=voc_aug',
-       f'--manual_dir={root}', f'--data_dir={data_dir}'],
-      cwd=ROOT, capture_output=True, text=True, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f'--config=configs/voc2012.py --config.data.data_dir={data_dir}' in result.stdout
-  assert 'train: 7 found, official 10582, 7 written, 0 skipped' in result.stdout
-  train = load(data_dir, 'train')
-  assert train.keys() == (set(VOC_TRAIN) | set(aug_ids)) - set(VOC_VAL)
+             [f'/JPEGImages/{id_}.jpg /SegmentationClassAug/{id_}.png'
+              for id_ in SBD_TRAIN + SBD_VAL])
+  return root
+
+
+def test_segmentation_class_aug_release(aug_release, tmp_path):
+  voc_aug.Voc2012Semseg(data_dir=str(tmp_path)).build(aug_release)
+  train = load(tmp_path, 'train')
+  assert train.keys() == (set(VOC_TRAIN) | set(SBD_TRAIN + SBD_VAL)) - set(VOC_VAL)
   for id_, (_, label) in train.items():
-    voc = root / VOC / 'SegmentationClass' / f'{id_}.png'
-    expected = read_label(voc if voc.exists() else root / VOC / 'SegmentationClassAug' /
+    voc = aug_release / VOC / 'SegmentationClass' / f'{id_}.png'
+    expected = read_label(voc if voc.exists() else aug_release / VOC / 'SegmentationClassAug' /
                           f'{id_}.png')
     np.testing.assert_array_equal(label, expected, err_msg=id_)
+
+
+@pytest.mark.slow
+def test_prepare_builds_it_by_the_sets_usual_name(aug_release, tmp_path):
+  output = run_prepare('voc_aug', aug_release, tmp_path)
+  assert f'--config=configs/voc2012.py --config.data.data_dir={tmp_path}' in output
+  assert 'train: 7 found, official 10582, 7 written, 0 skipped' in output
 
 
 def test_missing_sbd_labels_fail(tmp_path):

@@ -13,7 +13,7 @@ keep their JPEG bytes: exact, and much smaller than a lossless PNG re-encoding.
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import builders, meta
+from pspnet_jax.data import builders, labels, meta
 
 CLASS_NAMES = meta.class_names('ade20k')  # 150
 NUM_CLASSES = len(CLASS_NAMES)
@@ -39,4 +39,4 @@ class Ade20kSemseg(builders.ValidatingBuilder):
 
   def _remap(self, label):
     # uint8 arithmetic would wrap 0 to 255 as well; say it instead.
-    return np.where(label == 0, builders.IGNORE_LABEL, label.astype(np.int32) - 1).astype(np.uint8)
+    return np.where(label == 0, labels.IGNORE_LABEL, label.astype(np.int32) - 1).astype(np.uint8)

@@ -7,8 +7,9 @@ training run. So `ValidatingBuilder` checks every pair while it writes:
   - the image decodes (OpenCV, as TFDS decodes it when reading back);
   - the label decodes with PIL and is single-channel ('L', or 'P' whose
     palette indices are the classes: OpenCV would expand a palette to colour);
-  - image and label have the same height and width;
-  - after the dataset's remap every label value is < num_classes or 255.
+  - image and label have the same height and width, and after the dataset's
+    remap every label value is < num_classes or 255 (`labels.check`, the
+    check the loader repeats on every record it reads).
 
 A bad pair is skipped and named with its reason in the build report, or, with
 `strict=True`, stops the build at the first one. A split fails when it skips
@@ -21,9 +22,12 @@ A failed build leaves no dataset behind: TFDS writes into a temporary folder,
 removes it on an error and renames it only when every split generator has
 finished.
 
-The report ({split: found, written, skipped, skipped_files [{file, reason}],
-class_pixels {class name: pixels}, ignore_ratio}) is written as `build_report.json` into the
-dataset's version folder, next to TFDS's dataset_info.json.
+The report ({dataset, config, num_classes, class_names, manual_dir, splits:
+{split: found, official, written, skipped, skipped_files [{file, reason}],
+class_pixels {class name: pixels}, ignore_ratio}}) is written as
+`build_report.json` into the dataset's version folder, next to TFDS's
+dataset_info.json. Its class_names are what a folder dataset's classes.txt said
+when it was built, so training can name the classes without the folder.
 
 A dataset subclass provides `_read_source(manual_dir)` (its pairs per split
 and its class names) and, when its label files need it, `_remap`.
@@ -40,7 +44,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-IGNORE_LABEL = 255
+from pspnet_jax.data import labels
+
 REPORT_NAME = 'build_report.json'
 # A release usually has a few broken files (ADE20K has some odd JPEGs), and a
 # first own folder may have a couple: skip and name them. Many skips mean
@@ -83,14 +88,14 @@ def require_folders(root: epath.Path, *folders: epath.Path) -> tuple[epath.Path,
   return folders
 
 
-def pair_by_stem(root: epath.Path, images: dict, labels: dict) -> list[Pair]:
+def pair_by_stem(root: epath.Path, images: dict, label_files: dict) -> list[Pair]:
   """{stem: image path} and {stem: label path} -> pairs sorted by stem.
 
   A stem with only one of the two files is still a pair (with None), so that
   the build reports it instead of silently dropping it.
   """
-  return [Pair(str((images.get(stem) or labels[stem]).relative_to(root)), images.get(stem),
-               labels.get(stem)) for stem in sorted(images.keys() | labels.keys())]
+  return [Pair(str((images.get(stem) or label_files[stem]).relative_to(root)), images.get(stem),
+               label_files.get(stem)) for stem in sorted(images.keys() | label_files.keys())]
 
 
 def find_pairs(root: epath.Path, image_dir: str, label_dir: str,
@@ -110,7 +115,7 @@ def png(array: np.ndarray) -> bytes:
 
 
 def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]:
-  """(the TFDS example, the remapped label) of `pair`, or InvalidExample with the reason.
+  """(the TFDS example, the remapped label) of `pair`, or InvalidExample / LabelError.
 
   The image keeps its file's bytes when TFDS reads them back as 8-bit
   3-channel (exact, and a JPEG stays as small as it was); grayscale, alpha,
@@ -138,15 +143,9 @@ def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]
   if mode not in _LABEL_MODES:
     raise InvalidExample(f'label is a {mode} image, expected single-channel (L, or P with '
                          f'class indices)')
-  if image.shape[:2] != source.shape:
-    raise InvalidExample(f'image is {image.shape[0]}x{image.shape[1]} but label is '
-                         f'{source.shape[0]}x{source.shape[1]}')
   label = remap(source)
-  bad = (label >= num_classes) & (label != IGNORE_LABEL)
-  if bad.any():
-    raise InvalidExample(f'label values {np.unique(source[bad]).tolist()} (after the remap '
-                         f'{np.unique(label[bad]).tolist()}) are neither < {num_classes} nor '
-                         f'{IGNORE_LABEL}')
+  # Raises labels.LabelError, which the build treats as one more InvalidExample.
+  labels.check(str(pair.label), image.shape, label, num_classes, before_remap=source)
   example = {'image': image_bytes, 'label': png(label), 'file_name': pair.name}
   return example, label
 
@@ -168,7 +167,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   @abc.abstractmethod
   def _read_source(self, manual_dir: epath.Path) -> Source:
-    """The pairs of each split under manual_dir and the number of classes."""
+    """The pairs of each split under manual_dir and the names of the classes."""
 
   def _remap(self, label: np.ndarray) -> np.ndarray:
     """Label file values -> training labels; the identity unless the dataset needs one."""
@@ -202,7 +201,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     for pair in pairs:
       try:
         example, label = read_example(pair, self._remap, len(self._class_names))
-      except InvalidExample as error:
+      except (InvalidExample, labels.LabelError) as error:
         if self.strict:
           raise BuildError(f'{pair.name}: {error} (strict: the build stops at the first bad '
                            f'example)') from None
@@ -221,12 +220,21 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         'found': found, 'official': official, 'written': written, 'skipped': len(skipped),
         'skipped_files': skipped,
         'class_pixels': dict(zip(self._class_names, pixels.tolist())),
-        'ignore_ratio': float(pixels[IGNORE_LABEL] / max(1, pixels.sum())),
+        'ignore_ratio': float(pixels[labels.IGNORE_LABEL] / max(1, pixels.sum())),
     }
+
+  @classmethod
+  def for_config(cls, config, **kwargs) -> 'ValidatingBuilder':
+    """The builder in config.data.data_dir (kwargs: strict); see `registry.builder`."""
+    return cls(data_dir=config.data.data_dir, **kwargs)
 
   @property
   def report_path(self) -> epath.Path:
     return epath.Path(self.data_dir) / REPORT_NAME
+
+  def report(self) -> dict | None:
+    """The build report on disk; None when this dataset was never built here."""
+    return json.loads(self.report_path.read_text()) if self.report_path.exists() else None
 
   def build(self, manual_dir) -> dict:
     """Builds from `manual_dir` (a no-op when already built) and returns the build report."""
@@ -235,7 +243,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     if self._reports:
       report = {'dataset': self.name, 'config': self.builder_config and self.builder_config.name,
-                'num_classes': len(self._class_names), 'manual_dir': str(manual_dir),
-                'splits': self._reports}
+                'num_classes': len(self._class_names), 'class_names': list(self._class_names),
+                'manual_dir': str(manual_dir), 'splits': self._reports}
       self.report_path.write_text(json.dumps(report, indent=1))
-    return json.loads(self.report_path.read_text())
+    return self.report()

@@ -13,7 +13,9 @@ ignore. Every folder is its own BuilderConfig, named after the folder
 (`config_name`), so several folders live side by side in one data_dir; two
 folders with the same name share the slot, rename one. Train with
 `--config.data.name=folder --config.data.folder_dir=FOLDER
---config.data.num_classes=N` (prepare prints the line).
+--config.data.num_classes=N` (prepare prints the line). The class names go
+into the build report, so training names the classes even when the folder is
+no longer there (`registry.class_names`).
 """
 
 import re
@@ -21,7 +23,7 @@ import re
 from etils import epath
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import builders
+from pspnet_jax.data import builders, labels
 
 SPLITS = ('train', 'validation')
 CLASSES_FILE = 'classes.txt'
@@ -41,8 +43,8 @@ def read_classes(folder_dir) -> list[str]:
   if not path.exists():
     raise builders.BuildError(f'{path} is missing: one class name per line')
   names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-  if not 1 <= len(names) <= builders.IGNORE_LABEL:
-    raise builders.BuildError(f'{path}: {len(names)} classes, need 1..{builders.IGNORE_LABEL}')
+  if not 1 <= len(names) <= labels.IGNORE_LABEL:
+    raise builders.BuildError(f'{path}: {len(names)} classes, need 1..{labels.IGNORE_LABEL}')
   repeated = sorted({name for name in names if names.count(name) > 1})
   if repeated:
     raise builders.BuildError(f'{path}: class names must differ; repeated: {repeated}')
@@ -60,6 +62,28 @@ class FolderSemseg(builders.ValidatingBuilder):
     splits = {split: builders.find_pairs(manual_dir, f'images/{split}', f'labels/{split}')
               for split in SPLITS}
     return builders.Source(splits, read_classes(manual_dir))
+
+  @classmethod
+  def for_config(cls, config, **kwargs) -> 'FolderSemseg':
+    """The builder of config.data.folder_dir's dataset in config.data.data_dir (kwargs: strict)."""
+    if not config.data.folder_dir:
+      raise ValueError("config.data.name='folder' needs config.data.folder_dir (the folder "
+                       "that prepare built from)")
+    return builder(config.data.folder_dir, config.data.data_dir, **kwargs)
+
+  @classmethod
+  def class_names_for(cls, config) -> tuple[str, ...]:
+    """The class names of config's folder dataset: as built (the report), else classes.txt."""
+    built = cls.for_config(config)
+    # Reports written before they carried class_names fall back to classes.txt too.
+    names = (built.report() or {}).get('class_names')
+    if names is not None:
+      return tuple(names)
+    if not (epath.Path(config.data.folder_dir) / CLASSES_FILE).exists():
+      raise FileNotFoundError(
+          f'no class names for the folder dataset {config.data.folder_dir}: neither its build '
+          f'report {built.report_path} nor {CLASSES_FILE} in config.data.folder_dir exists')
+    return tuple(read_classes(config.data.folder_dir))
 
 
 def builder(folder_dir, data_dir=None, **kwargs) -> FolderSemseg:

@@ -11,11 +11,14 @@ lists are transcribed in the official order, so index k is the model's class k:
 
 The standard ADE palette gives 'road' (6) and 'skyscraper' (48) the same
 grey; it is kept as published so renderings match other tools.
+
+These are the tables; `registry` is the index of datasets that uses them (and
+gives a folder dataset its own names, with `voc_palette` colours).
 """
 
 import numpy as np
 
-from pspnet_jax.data import synthetic
+from pspnet_jax.data import labels, synthetic
 
 _ADE20K_NAMES = (
     'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
@@ -88,7 +91,7 @@ _CITYSCAPES_TRAIN_IDS = (
 
 # labelId -> trainId as a 256-entry lookup table, so a whole label image maps with
 # `CITYSCAPES_LABEL_TO_TRAIN[label_ids]`; every value outside 0..33 maps to 255.
-CITYSCAPES_LABEL_TO_TRAIN = np.full(256, 255, np.uint8)
+CITYSCAPES_LABEL_TO_TRAIN = np.full(256, labels.IGNORE_LABEL, np.uint8)
 CITYSCAPES_LABEL_TO_TRAIN[:len(_CITYSCAPES_TRAIN_IDS)] = _CITYSCAPES_TRAIN_IDS
 
 _VOC2012_NAMES = (
@@ -129,13 +132,11 @@ _PALETTES = {
     'voc2012': voc_palette(len(_VOC2012_NAMES)),
     'synthetic': np.array(_SYNTHETIC_PALETTE, np.uint8),
 }
-# The dataset names (config.data.name) this module knows.
-DATASETS = tuple(_NAMES)
 
 
 def _check(dataset_name: str) -> None:
   if dataset_name not in _NAMES:
-    raise ValueError(f'No class names for dataset {dataset_name!r}; known: {", ".join(DATASETS)}')
+    raise ValueError(f'No class names for dataset {dataset_name!r}; known: {", ".join(_NAMES)}')
 
 
 def class_names(dataset_name: str) -> tuple[str, ...]:

@@ -25,20 +25,9 @@ from absl import flags
 import grain
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from pspnet_jax.data import folder, synthetic, transforms
-# Imported for the side effect: the official builders register their TFDS names.
-from pspnet_jax.data import ade20k, cityscapes, voc_aug  # noqa: F401 pylint: disable=unused-import
+from pspnet_jax.data import labels, registry, transforms
 
-# config.data.name -> the TFDS builder name it is stored under.
-TFDS_NAMES = {
-    'synthetic': 'synthetic_context',
-    'ade20k': 'ade20k_semseg',
-    'cityscapes': 'cityscapes_semseg',
-    'voc2012': 'voc2012_semseg',
-    'folder': 'folder_semseg',  # your own folder: data.folder_dir picks which
-}
 # Grain reads (and TFDS decodes) records in threads ahead of the transforms; its
 # default of 500 records in flight is gigabytes of decoded Cityscapes images per
 # worker, a few batches are enough to hide the decode.
@@ -48,34 +37,23 @@ _READ_AHEAD_BATCHES = 2
 
 def load_split(config, split: str):
   """The random-access source of `split` of config.data.name (the synthetic one built if needed)."""
-  name = config.data.name
-  if name not in TFDS_NAMES:
-    raise ValueError(f'config.data.name={name!r}: must be one of {sorted(TFDS_NAMES)}')
-  data_dir = config.data.data_dir
-  if name == 'synthetic':
-    return synthetic.prepare(config).as_data_source(split=split)
-  if name == 'folder':
-    if not config.data.folder_dir:
-      raise ValueError("config.data.name='folder' needs config.data.folder_dir (the folder "
-                       "that prepare built from)")
-    builder = folder.builder(config.data.folder_dir, data_dir)
-    source = config.data.folder_dir
-  else:
+  dataset = registry.get(config.data.name)
+  builder = registry.builder(config)
+  if dataset.generated:
+    # A no-op when this exact configuration is already on disk.
+    builder.download_and_prepare(file_format='array_record')
+  elif not builder.is_prepared():
     # tfds.data_source(download=False) on an unbuilt dataset fails with a
     # misleading "TFRECORD is not supported" error; ask the builder first.
-    try:
-      builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise FileNotFoundError(f'dataset {name!r} (TFDS name {TFDS_NAMES[name]!r}) has no '
-                              f'builder in this version') from None
-    source = 'SOURCE_FOLDER'
-  if not builder.is_prepared():
+    data_dir = config.data.data_dir
     data_dir_flag = f' --data_dir={data_dir}' if data_dir else ''
+    # A folder dataset is named after its folder; the official ones after their release.
+    source = config.data.folder_dir if dataset.name == 'folder' else 'SOURCE_FOLDER'
     raise FileNotFoundError(
-        f'dataset {name!r} (TFDS name {TFDS_NAMES[name]!r}) is not built in data dir '
+        f'dataset {dataset.name!r} (TFDS name {dataset.tfds_name!r}) is not built in data dir '
         f'{data_dir or "the TFDS default (~/tensorflow_datasets)"}; set config.data.data_dir '
         f'to the folder that holds it, or build it with: python -m pspnet_jax.data.prepare '
-        f'--dataset={name} --manual_dir={source}{data_dir_flag}')
+        f'--dataset={dataset.name} --manual_dir={source}{data_dir_flag}')
   return builder.as_data_source(split=split)
 
 
@@ -88,7 +66,9 @@ class DecodeAndCheck(grain.transforms.Map):
   """A TFDS example -> {'image' uint8 HxWx3, 'label' uint8 HxW, 'file_name' str}, checked.
 
   An out-of-range label would not fail anywhere later: cross-entropy turns it
-  into NaN. So every label value must be < num_classes or the ignore label.
+  into NaN. The builders of real datasets checked their labels when writing,
+  but against the dataset's class count, not this config's data.num_classes,
+  and the synthetic dataset has no such check: `labels.check` every record.
   """
 
   def __init__(self, num_classes: int, ignore_label: int):
@@ -105,14 +85,7 @@ class DecodeAndCheck(grain.transforms.Map):
     if image.ndim != 3 or image.shape[-1] != 3 or label.ndim != 2:
       raise ValueError(f'{file_name}: image shape {image.shape} / label shape {label.shape}, '
                        f'expected HxWx3 and HxW')
-    if image.shape[:2] != label.shape:
-      raise ValueError(f'{file_name}: image is {image.shape[0]}x{image.shape[1]} but label is '
-                       f'{label.shape[0]}x{label.shape[1]}')
-    bad = (label >= self.num_classes) & (label != self.ignore_label)
-    if bad.any():
-      raise ValueError(f'{file_name}: label values {np.unique(label[bad]).tolist()} are neither '
-                       f'< data.num_classes ({self.num_classes}) nor data.ignore_label '
-                       f'({self.ignore_label})')
+    labels.check(file_name, image.shape, label, self.num_classes, self.ignore_label)
     return {'image': image, 'label': label.astype(np.uint8), 'file_name': file_name}
 
 

@@ -12,22 +12,21 @@ build_report.json next to it) and the config flags that train on it. Bad
 examples are skipped and listed; --strict stops at the first one instead.
 """
 
+import shlex
+
 from absl import app
 from absl import flags
+import ml_collections
 
-from pspnet_jax.data import ade20k, cityscapes, folder, voc_aug
+from pspnet_jax.data import registry
 
-# --dataset (= config.data.name) -> the builder class of an official dataset.
-OFFICIAL_BUILDERS = {
-    'ade20k': ade20k.Ade20kSemseg,
-    'cityscapes': cityscapes.CityscapesSemseg,
-    'voc2012': voc_aug.Voc2012Semseg,
-}
-# Other names users know a dataset by -> config.data.name.
-ALIASES = {'voc_aug': 'voc2012'}
-
-_DATASET = flags.DEFINE_enum('dataset', None, [*OFFICIAL_BUILDERS, *ALIASES, 'folder'],
-                             'Dataset to build.')
+# Every dataset that is built from files (all but the generated synthetic one), by
+# config.data.name or another name users know it by.
+_FROM_FILES = [name for name, dataset in registry.DATASETS.items() if not dataset.generated]
+_DATASET = flags.DEFINE_enum(
+    'dataset', None,
+    _FROM_FILES + [alias for alias, name in registry.ALIASES.items() if name in _FROM_FILES],
+    'Dataset to build.')
 _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'ade20k: the unpacked ADEChallengeData2016 folder; cityscapes: the '
     'folder holding leftImg8bit/ and gtFine/; voc2012: the folder holding VOCdevkit/ (and '
@@ -41,27 +40,29 @@ _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example inst
 _LISTED_SKIPS = 20
 
 
-def config_flags(dataset: str, manual_dir: str, data_dir: str | None, num_classes: int) -> str:
-  """The pspnet_jax.main flags that train on the built dataset."""
-  if dataset in OFFICIAL_BUILDERS:
-    flags_ = [f'--config=configs/{dataset}.py']
+def config_flags(dataset: registry.Dataset, config, num_classes: int) -> str:
+  """The pspnet_jax.main flags that train on the dataset `config` (data.*) names."""
+  if dataset.config_file:
+    flags_ = [f'--config={dataset.config_file}']
   else:
     # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
-    flags_ = ['--config=configs/default.py', '--config.data.name=folder',
-              f'--config.data.folder_dir={manual_dir}',
+    flags_ = ['--config=configs/default.py', f'--config.data.name={dataset.name}',
+              f'--config.data.folder_dir={config.data.folder_dir}',
               f'--config.data.num_classes={num_classes}']
-  if data_dir:
-    flags_.append(f'--config.data.data_dir={data_dir}')
-  return ' '.join(flags_)
+  if config.data.data_dir:
+    flags_.append(f'--config.data.data_dir={config.data.data_dir}')
+  # Quoted, so that a folder name with spaces pastes into a shell as one flag.
+  return ' '.join(map(shlex.quote, flags_))
 
 
 def main(argv):
   del argv
-  dataset = ALIASES.get(_DATASET.value, _DATASET.value)
-  if dataset in OFFICIAL_BUILDERS:
-    builder = OFFICIAL_BUILDERS[dataset](data_dir=_DATA_DIR.value, strict=_STRICT.value)
-  else:
-    builder = folder.builder(_MANUAL_DIR.value, _DATA_DIR.value, strict=_STRICT.value)
+  dataset = registry.get(_DATASET.value)
+  # The keys training will read; the folder builder is named after folder_dir,
+  # the official ones ignore it.
+  config = ml_collections.ConfigDict({'data': {
+      'name': dataset.name, 'data_dir': _DATA_DIR.value, 'folder_dir': _MANUAL_DIR.value}})
+  builder = registry.builder(config, strict=_STRICT.value)
   report = builder.build(_MANUAL_DIR.value)
   print(f'built {builder.info.full_name} into {builder.data_dir} '
         f'({report["num_classes"]} classes)')
@@ -77,8 +78,7 @@ def main(argv):
       print(f'    {len(absent)} classes have no pixels: {listed}')
   print(f'report: {builder.report_path}')
   print('train on it with: python -m pspnet_jax.main '
-        + config_flags(dataset, _MANUAL_DIR.value, _DATA_DIR.value, report['num_classes'])
-        + ' --workdir=WORKDIR')
+        + config_flags(dataset, config, report['num_classes']) + ' --workdir=WORKDIR')
 
 
 if __name__ == '__main__':

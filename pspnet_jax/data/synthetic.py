@@ -40,11 +40,12 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pspnet_jax.data import labels
+
 CLASS_NAMES = ('ground', 'water', 'road', 'boat', 'car', 'tree', 'marker')
 NUM_CLASSES = len(CLASS_NAMES)
 # The pair that only the global scene tells apart.
 CONTEXT_CLASSES = (3, 4)
-IGNORE_LABEL = 255
 # scene -> (band class, vehicle class)
 SCENES = {'harbour': (1, 3), 'street': (2, 4)}
 # Part of the per-example seed, so train and validation never share an image.
@@ -159,7 +160,8 @@ def render_example(rng: np.random.Generator, height: int, width: int, *,
     centre = (int(ignore_rng.integers(width)), int(ignore_rng.integers(height)))
     axes = tuple(max(2, int(ignore_rng.uniform(0.05, 0.15) * s)) for s in (width, height))
     cv2.ellipse(mask, centre, axes, ignore_rng.uniform(0, 180), 0, 360, 1, thickness=-1)
-    _paint(image, label, mask, IGNORE_LABEL, ignore_rng.uniform(0, 255, (height, width, 3)))
+    _paint(image, label, mask, labels.IGNORE_LABEL,
+           ignore_rng.uniform(0, 255, (height, width, 3)))
 
   for _ in range(int(tree_rng.integers(0, 3))):
     mask = np.zeros((height, width), np.uint8)
@@ -228,6 +230,11 @@ class SyntheticContext(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Boats and cars told apart by a distant water or road band.'}
 
+  @classmethod
+  def for_config(cls, config) -> 'SyntheticContext':
+    """The builder of `config`'s parameters in config.data.data_dir, not built yet."""
+    return cls(config=SyntheticContextConfig.for_config(config), data_dir=config.data.data_dir)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -266,8 +273,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def prepare(config) -> SyntheticContext:
   """The builder for `config` (seed, data.synthetic.*), built into data.data_dir on first use."""
-  builder = SyntheticContext(config=SyntheticContextConfig.for_config(config),
-                             data_dir=config.data.data_dir)
+  builder = SyntheticContext.for_config(config)
   # A no-op when this exact configuration is already on disk.
   builder.download_and_prepare(file_format='array_record')
   return builder

@@ -40,7 +40,6 @@ import tensorflow_datasets as tfds
 from pspnet_jax.data import builders, meta
 
 CLASS_NAMES = meta.class_names('voc2012')  # background + 20
-NUM_CLASSES = len(CLASS_NAMES)
 _VOC = 'VOCdevkit/VOC2012'
 _LISTS = f'{_VOC}/ImageSets/Segmentation'
 _AUG_LABELS = f'{_VOC}/SegmentationClassAug'
@@ -58,6 +57,9 @@ class _SbdLabel:
 
   def __init__(self, path: epath.Path):
     self.path = path
+
+  def __str__(self):
+    return str(self.path)  # how a bad label is named in the report
 
   def read_bytes(self) -> bytes:
     try:

@@ -83,22 +83,42 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-# semseg / torchvision initialise convolutions with kaiming_normal_(mode='fan_out').
-_conv_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# The official model initializes its ResNet as semseg's resnet.py does:
+# kaiming_normal_(mode='fan_out', nonlinearity='relu') for every convolution.
+_resnet_kernel_init = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _torch_default_bias_init(fan_in: int):
+  """PyTorch's default nn.Conv2d bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
-           dilation: int = 1, use_bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+           dilation: int = 1, use_bias: bool = False, torch_default_init: bool = False,
+           dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """A PyTorch-style convolution: symmetric padding dilation*(k-1)/2, float32 parameters.
 
   Flax's padding='SAME' pads stride-2 convolutions asymmetrically (more on the
   bottom/right), which shifts every feature by half a pixel relative to PyTorch.
+
+  Initialization: the ResNet's Kaiming fan_out by default; `torch_default_init`
+  gives PyTorch's default instead, which the official pyramid pooling and heads
+  keep (they are built after the ResNet's init loop): kaiming_uniform_(a=sqrt(5)),
+  i.e. weights and biases U(+-1/sqrt(fan_in)), fan_in = in_features * k * k.
   """
   pad = dilation * (kernel_size - 1) // 2
+  fan_in = in_features * kernel_size * kernel_size
+  if torch_default_init:
+    # variance_scaling's uniform limit is sqrt(3 * scale / fan_in): 1/3 gives 1/sqrt(fan_in).
+    kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+    bias_init = _torch_default_bias_init(fan_in)
+  else:
+    kernel_init, bias_init = _resnet_kernel_init, nnx.initializers.zeros_init()
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_conv_init, rngs=rngs)
+                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
 class BatchNorm(nnx.Module):
@@ -140,11 +160,15 @@ class BatchNorm(nnx.Module):
 
 
 class ConvBNReLU(nnx.Module):
-  """conv (no bias) -> BatchNorm -> ReLU, the unit of the pyramid pooling and the heads."""
+  """conv (no bias) -> BatchNorm -> ReLU, the unit of the pyramid pooling and the heads.
+
+  Outside the ResNet, so its convolution starts with PyTorch's default initialization.
+  """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    self.conv = conv2d(in_features, out_features, kernel_size, dtype=dtype, rngs=rngs)
+    self.conv = conv2d(in_features, out_features, kernel_size, torch_default_init=True,
+                       dtype=dtype, rngs=rngs)
     self.bn = BatchNorm(out_features, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -40,7 +40,8 @@ class SegmentationHead(nnx.Module):
     self.block = ConvBNReLU(in_features, hidden, 3, dtype=dtype, rngs=rngs)
     # Dropout2d: one decision per (image, channel), broadcast over H and W.
     self.dropout = nnx.Dropout(dropout, broadcast_dims=(1, 2), rngs=rngs)
-    self.classifier = conv2d(hidden, num_classes, 1, use_bias=True, dtype=dtype, rngs=rngs)
+    self.classifier = conv2d(hidden, num_classes, 1, use_bias=True, torch_default_init=True,
+                             dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.classifier(self.dropout(self.block(x)))

@@ -1,16 +1,25 @@
-"""A PyTorch twin of the official PSPNet (hszhao/semseg model/pspnet.py + model/resnet.py).
+"""The PyTorch reference: a twin of the official PSPNet (hszhao/semseg model/pspnet.py +
+model/resnet.py) and semseg's training iteration.
 
-Written for the tests as an independent reference: same module structure and
-state_dict keys as the official code, built the official way (a plain ResNet
-whose layer3/layer4 convs are patched to stride 1 and dilated afterwards). It
-extends the official code only where the Flax model does: basic blocks
-(ResNet-18/34, whose two 3x3 convs are both dilated), the 7x7 stem, output
-stride 16/32, and input sizes other than 8k+1.
+Written independently of the Flax model, as the reference it is measured
+against: same module structure and state_dict keys as the official code, built
+and initialized the official way: a plain ResNet whose convs get Kaiming normal
+(fan_out) weights and whose BatchNorms start at 1 and 0, its layer3/layer4
+convs then patched to stride 1 and dilated; the PPM and the heads, built
+afterwards, keep PyTorch's default initialization. It extends the official
+code only where the Flax model does: basic blocks (ResNet-18/34, whose two 3x3
+convs are both dilated), the 7x7 stem, output stride 16/32, and input sizes
+other than 8k+1.
+
+It imports torch (requirements-dev.txt), so nothing on the training path
+imports it: tests, benchmarks and conversion import it where they need it.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pspnet_jax import optim
 
 STAGES = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)), 50: ('bottleneck', (3, 4, 6, 3)),
           101: ('bottleneck', (3, 4, 23, 3)), 152: ('bottleneck', (3, 8, 36, 3))}
@@ -87,6 +96,14 @@ class ResNet(nn.Module):
     self.layer2 = self._make_layer(block, 128, sizes[1], stride=2)
     self.layer3 = self._make_layer(block, 256, sizes[2], stride=2)
     self.layer4 = self._make_layer(block, 512, sizes[3], stride=2)
+    # The official initialization, at the end of ResNet.__init__: only the
+    # backbone's modules exist yet, so PSPNet's PPM and heads keep the default.
+    for module in self.modules():
+      if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+      elif isinstance(module, nn.BatchNorm2d):
+        nn.init.constant_(module.weight, 1)
+        nn.init.constant_(module.bias, 0)
 
   def _make_layer(self, block, planes, blocks, stride=1):
     downsample = None
@@ -173,3 +190,51 @@ class PSPNet(nn.Module):
     if self.zoom_factor != 1:
       aux = F.interpolate(aux, size=(h, w), mode='bilinear', align_corners=True)
     return x, aux
+
+
+def from_config(config) -> PSPNet:
+  """The twin of the model an ml_collections config describes (config.model, config.data)."""
+  model = config.model
+  return PSPNet(int(model.backbone.removeprefix('resnet')), bins=tuple(model.ppm_bins),
+                dropout=model.dropout, classes=config.data.num_classes,
+                zoom_factor=model.zoom_factor, use_ppm=model.use_ppm,
+                deep_base=model.deep_stem, output_stride=model.output_stride)
+
+
+def semseg_train_step(model: PSPNet, config, num_steps: int):
+  """semseg's training iteration (its train.py) on `model`, put in train mode.
+
+  Returns `step(images, target) -> loss`: images a float32 NCHW tensor, target
+  (N, H, W) int64 with config.data.ignore_label for unlabeled pixels; the loss
+  (a float) is CrossEntropyLoss(ignore_index) of the main logits plus
+  config.model.aux_weight times that of the aux logits. Each call runs
+  backward and a torch SGD step (momentum, weight decay added to the gradient;
+  ppm/cls/aux at config.optim.head_lr_mult times the base rate), then sets the
+  poly rate base * (1 - iteration / num_steps) ** power for the next one, as
+  semseg does after every iteration.
+  """
+  model.train()
+  opt = config.optim
+  head, backbone = [], []
+  for name, parameter in model.named_parameters():
+    (head if name.split('.')[0] in optim.HEAD_MODULES else backbone).append(parameter)
+  sgd = torch.optim.SGD(
+      [{'params': backbone}, {'params': head, 'lr': opt.base_lr * opt.head_lr_mult}],
+      lr=opt.base_lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+  criterion = nn.CrossEntropyLoss(ignore_index=config.data.ignore_label)
+  iteration = 0
+
+  def step(images: torch.Tensor, target: torch.Tensor) -> float:
+    nonlocal iteration
+    logits, aux_logits = model(images, return_aux=True)
+    loss = criterion(logits, target) + config.model.aux_weight * criterion(aux_logits, target)
+    sgd.zero_grad()
+    loss.backward()
+    sgd.step()
+    iteration += 1
+    lr = opt.base_lr * (1 - iteration / num_steps) ** opt.power
+    sgd.param_groups[0]['lr'], sgd.param_groups[1]['lr'] = lr, lr * opt.head_lr_mult
+    # .item() waits for the step to finish, which timing on an accelerator needs.
+    return loss.item()
+
+  return step

@@ -1,0 +1,80 @@
+"""Where metrics go: TensorBoard, `WORKDIR/metrics.jsonl` and the console, through clu writers.
+
+`metrics.jsonl` holds one JSON object per logged step (`{"step": 100,
+"train/loss": 1.23, ...}`), the machine-readable record that scripts and
+tests read. Evaluation rows carry eval/mIoU, eval/mAcc, eval/allAcc and
+eval/IoU/<class name> per class.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends one JSON object per write_scalars call to a file; other summaries are not kept."""
+
+  def __init__(self, path: str):
+    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+
+  def write_scalars(self, step, scalars):
+    row = {'step': int(step), **{key: float(value) for key, value in scalars.items()}}
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + metrics.jsonl + console on process 0; console only elsewhere."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def write_eval(writer: metric_writers.MetricWriter, step: int, results: dict,
+               class_names, *, table: bool) -> None:
+  """One metrics row with the per-class IoUs; `table` also logs the per-class table."""
+  row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
+  # Tags without spaces ('chest of drawers'): TensorBoard rewrites illegal summary names.
+  for name, iou in zip(class_names, results['IoU']):
+    if not np.isnan(iou):
+      row[f'eval/IoU/{name.replace(" ", "_")}'] = iou
+  if table:
+    lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
+             in enumerate(zip(class_names, results['IoU'], results['acc']))]
+    logging.info('per-class results at step %d:\n%s', step, '\n'.join(lines))
+  writer.write_scalars(step, row)
