@@ -134,15 +134,20 @@ def load_model(config, workdir: str, step: int | None = None, *, mesh=None) -> L
   (default: all devices), never built at random first.
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
-  fresh = lambda: create_model(config, rngs=nnx.Rngs(config.seed))  # noqa: E731
-  graphdef, abstract_variables, _ = nnx.split(nnx.eval_shape(fresh), (nnx.Param, nnx.BatchStat),
-                                              ...)
+
+  def fresh_model():
+    return create_model(config, rngs=nnx.Rngs(config.seed))
+
+  def split(model):
+    """(graphdef, parameters and BatchNorm statistics, dropout streams)."""
+    return nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
+
+  graphdef, abstract_variables, _ = split(nnx.eval_shape(fresh_model))
   abstract_variables = sharding.with_sharding(abstract_variables, sharding.replicated(mesh))
   variables, step, meta = restore_model(workdir, abstract_variables, step)
   # Dropout's random streams are not checkpointed (evaluation never draws from them);
   # under jit XLA drops the unused parameter initialization.
-  streams = jax.jit(lambda: nnx.split(fresh(), (nnx.Param, nnx.BatchStat), ...)[2],
-                    out_shardings=sharding.replicated(mesh))()
+  streams = jax.jit(lambda: split(fresh_model())[2], out_shardings=sharding.replicated(mesh))()
   model = nnx.merge(graphdef, variables, streams)
   model.eval()
   return LoadedModel(model, step, meta)

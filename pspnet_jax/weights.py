@@ -224,14 +224,20 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   if existing:
     raise FileExistsError(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
                           f'{existing}; import into an empty --workdir')
-  model = create_model(config, rngs=nnx.Rngs(config.seed))
   meta = {'source': os.path.abspath(path), 'format': fmt}
-  variables = checkpoint.model_variables(model)
+
+  def fresh_model():
+    return create_model(config, rngs=nnx.Rngs(config.seed))
+
   if fmt in PRETRAINED_FORMATS:
+    # The heads keep their random initialization.
+    variables = checkpoint.model_variables(fresh_model())
     variables = backbone_from_file(variables, path, fmt, deep_stem=config.model.deep_stem)
   else:
+    # Every variable comes from the file: the model's shapes are all it takes.
     tensors, extras = read_tensors(path)
-    variables = from_torch_state_dict(tensors, variables, source=path)
+    variables = from_torch_state_dict(
+        tensors, checkpoint.model_variables(nnx.eval_shape(fresh_model)), source=path)
     # Kept only so that an export gives back the very same file.
     meta.update(extras)
     meta['num_batches_tracked'] = {key[:-len(_BATCHES_TRACKED)]: int(value)

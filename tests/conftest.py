@@ -1,23 +1,22 @@
-"""Test setup: 8 CPU devices (set before JAX starts), the tests folder importable, and one
-compilation cache for the whole session.
+"""Test setup: 8 CPU devices (set before JAX starts), the tests folder importable, and a
+compilation cache.
 
-The cache lives in a fresh folder per session and reaches the subprocesses the
-tests start through the environment: many tests compile the very same train
-step (the demo config in several whole runs, 1-device and 8-device steps of
-the same model), and on 2 cores each compile costs seconds to tens of seconds.
+Many tests compile the very same programs (the demo's train step in several
+whole runs, 1-device and 8-device steps of one model), and on 2 cores each
+compile costs seconds to tens of seconds. JAX's persistent cache, in
+.pytest_cache/ (ignored by git; a fresh clone starts empty), serves repeats
+within a run, in the subprocesses the tests start (through the environment)
+and across runs of the fast loop. Its key is the program and the compiler
+version, so a changed model compiles anew.
 """
 
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix='pspnet_jax_test_xla_cache_')
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(_REPO, '.pytest_cache', 'jax_compilation_cache'))
 sys.path.insert(0, os.path.dirname(__file__))

@@ -20,7 +20,8 @@ import pytest
 from configs import default
 from fake_datasets import (PAIR_SIZE, REPO, build, fake_folder, read_split, run_prepare,
                            write_image, write_label, write_pairs)
-from pspnet_jax.data import ade20k, builders, folder, meta, pipeline, prepare, registry
+from pspnet_jax import train
+from pspnet_jax.data import ade20k, builders, folder, meta, pipeline, registry
 
 HEIGHT, WIDTH = PAIR_SIZE
 NUM_TRAIN, NUM_VALIDATION = 6, 3
@@ -151,7 +152,7 @@ def test_unbuilt_dataset_names_prepare_command(tmp_path):
 def test_prepare_prints_flags_a_shell_takes():
   config = ml_collections.ConfigDict({'data': {'name': 'folder', 'data_dir': '/data',
                                                'folder_dir': '/src/My Boats'}})
-  assert prepare.config_flags(registry.get('folder'), config, 3) == (
+  assert registry.training_flags(config, 3) == (
       "--config=configs/default.py --config.data.name=folder '--config.data.folder_dir=/src/My "
       "Boats' --config.data.num_classes=3 --config.data.data_dir=/data")
 
@@ -201,3 +202,22 @@ def test_folder_class_names_come_from_the_build_report(tmp_path):
   config.data.folder_dir = str(tmp_path / 'other')
   with pytest.raises(FileNotFoundError, match='classes.txt'):
     registry.class_names(config)
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_reports_its_own_class_names(tmp_path):
+  """Per-class metrics of a folder dataset carry the names of its classes.txt, not class_k."""
+  root = fake_folder(tmp_path / 'harbour', 'open water\nboat\nsky\n',
+                     {'train': ['a', 'b'], 'validation': ['c']}, np.random.default_rng(5))
+  config = default.get_config()
+  config.data.update(name='folder', folder_dir=str(root), data_dir=str(tmp_path / 'tfds'),
+                     num_classes=3, crop_size=33)
+  config.model.backbone = 'resnet18'
+  config.train.update(batch_size=2, num_steps=1, log_every=1)
+  config.eval.batch_size = 8
+  folder.builder(root, config.data.data_dir).build(root)
+  workdir = tmp_path / 'work'
+  train.train_and_evaluate(config, str(workdir))
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  logged = {key for row in rows for key in row if key.startswith('eval/IoU/')}
+  assert logged and logged <= {'eval/IoU/open_water', 'eval/IoU/boat', 'eval/IoU/sky'}, logged

@@ -1,8 +1,9 @@
 """The demo learns, and pyramid pooling is what resolves the context-only classes.
 
 Two short runs of `python -m pspnet_jax.main --config=configs/demo.py` on a
-smaller synthetic set (200 images of 129-161 px, 100 steps): PSPNet and the dilated-FCN baseline
-(`model.use_ppm=False`), same seed, same data, same steps. The yardsticks come
+smaller synthetic set (200 images of 129-161 px, 100 steps at base_lr 0.0025):
+PSPNet and the dilated-FCN baseline (`model.use_ppm=False`), same seed, same
+data, same steps. The yardsticks come
 from the validation labels, not from the model: chance is the mIoU of
 predicting the most frequent class everywhere.
 """
@@ -19,10 +20,15 @@ from pspnet_jax.data import pipeline, synthetic
 # Whole training runs: CI runs them, `pytest -m "not slow"` skips them.
 pytestmark = pytest.mark.slow
 
+# A quarter of the demo's learning rate: with the official initialization the pyramid
+# pooling and heads start narrow behind BatchNorm, so at 10x the rate they need more than
+# 100 steps to settle (boat IoU at 0.01: 0.2%, 150 steps 0.2%; at 0.0025: 43%, FCN 10%).
+# The full demo separates boats from cars at 0.01 in 250 steps (README).
 OVERRIDES = {
     'data.synthetic.min_size': 129, 'data.synthetic.max_size': 161,
     'data.synthetic.num_train': 200, 'data.synthetic.num_validation': 40,
-    'train.num_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 1000}
+    'train.num_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 1000,
+    'optim.base_lr': 0.0025}
 # One CPU device: eight simulated ones would triple the step time and prove nothing more here.
 ENV = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 

@@ -12,8 +12,6 @@ build_report.json next to it) and the config flags that train on it. Bad
 examples are skipped and listed; --strict stops at the first one instead.
 """
 
-import shlex
-
 from absl import app
 from absl import flags
 import ml_collections
@@ -40,21 +38,6 @@ _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example inst
 _LISTED_SKIPS = 20
 
 
-def config_flags(dataset: registry.Dataset, config, num_classes: int) -> str:
-  """The pspnet_jax.main flags that train on the dataset `config` (data.*) names."""
-  if dataset.config_file:
-    flags_ = [f'--config={dataset.config_file}']
-  else:
-    # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
-    flags_ = ['--config=configs/default.py', f'--config.data.name={dataset.name}',
-              f'--config.data.folder_dir={config.data.folder_dir}',
-              f'--config.data.num_classes={num_classes}']
-  if config.data.data_dir:
-    flags_.append(f'--config.data.data_dir={config.data.data_dir}')
-  # Quoted, so that a folder name with spaces pastes into a shell as one flag.
-  return ' '.join(map(shlex.quote, flags_))
-
-
 def main(argv):
   del argv
   dataset = registry.get(_DATASET.value)
@@ -78,7 +61,7 @@ def main(argv):
       print(f'    {len(absent)} classes have no pixels: {listed}')
   print(f'report: {builder.report_path}')
   print('train on it with: python -m pspnet_jax.main '
-        + config_flags(dataset, config, report['num_classes']) + ' --workdir=WORKDIR')
+        + registry.training_flags(config, report['num_classes']) + ' --workdir=WORKDIR')
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ gone, or else from the folder's classes.txt.
 """
 
 import dataclasses
+import shlex
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -134,3 +135,19 @@ def palette(config) -> np.ndarray:
   dataset = get(config.data.name)
   count = len(class_names(config))
   return meta.voc_palette(count) if dataset.palette is None else dataset.palette.copy()
+
+
+def training_flags(config, num_classes: int) -> str:
+  """The pspnet_jax.main flags that train on the built dataset `config` (data.*) names."""
+  dataset = get(config.data.name)
+  if dataset.config_file:
+    arguments = [f'--config={dataset.config_file}']
+  else:
+    # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
+    arguments = ['--config=configs/default.py', f'--config.data.name={dataset.name}',
+              f'--config.data.folder_dir={config.data.folder_dir}',
+              f'--config.data.num_classes={num_classes}']
+  if config.data.data_dir:
+    arguments.append(f'--config.data.data_dir={config.data.data_dir}')
+  # Quoted, so that a folder name with spaces pastes into a shell as one flag.
+  return ' '.join(map(shlex.quote, arguments))
