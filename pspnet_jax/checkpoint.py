@@ -119,6 +119,10 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
   return variables, step, restored['meta']
 
 
+def _best_metric(metrics: dict) -> float:
+  return metrics[BEST_METRIC]
+
+
 class LoadedModel(NamedTuple):
   model: nnx.Module   # eval mode, variables replicated over the mesh
   step: int
@@ -160,17 +164,30 @@ class TrainCheckpointer:
   training goes on while the files are written; every save is atomic (a
   half-written step is never listed). Kept: the latest checkpoint and the one
   with the highest `eval/mIoU` (a policy of both; `max_to_keep` with a
-  `best_fn` alone would delete the latest).
+  `best_fn` alone would delete the latest). The metric of an evaluated
+  checkpoint is written beside it (`<step>/metrics/metrics`, JSON), so the
+  best one is still known, and kept, after any number of restarts.
   """
 
   def __init__(self, workdir: str):
     policy = preservation_policy.AnyPreservationPolicy([
         preservation_policy.LatestN(n=1),
-        preservation_policy.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+        preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False)])
     self.workdir = workdir
+    # best_fn is what makes orbax write the metrics to disk and read them back when a
+    # manager starts; with the policy alone they lived in memory, and after a restart
+    # the old best had no score and the next save deleted it.
     self._manager = _manager(workdir, ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=True))
+        preservation_policy=policy, best_fn=_best_metric, enable_async_checkpointing=True))
+
+  def best_step(self) -> int | None:
+    """The kept checkpoint with the highest BEST_METRIC; None when none was evaluated."""
+    return self._manager.best_step()
+
+  def metrics(self, step: int) -> dict | None:
+    """The evaluation metrics saved with checkpoint `step` (None for other checkpoints)."""
+    return self._manager.metrics(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -198,19 +215,30 @@ class TrainCheckpointer:
     (process count, Grain workers) must equal the one saved in meta: Grain
     keeps one iterator state per process and refuses another worker count.
     """
+    step_dir = os.path.join(checkpoint_dir(self.workdir), str(step))
+    where = f'checkpoint {step_dir}'
+    # Training writes data_layout into every checkpoint's meta; an import (convert) never
+    # does. A training checkpoint without all of its items is damaged: taking it for an
+    # import would rerun the schedule from step 0 on trained weights.
+    meta = self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+    complete = 'data_layout' in meta
+    if complete:
+      missing = [item for item in ('model', 'opt', 'data')
+                 if not os.path.isdir(os.path.join(step_dir, item))]
+      if missing:
+        raise ValueError(f'{where} is damaged: this training checkpoint has no '
+                         f'{" or ".join(missing)} item. Move it out of '
+                         f'{checkpoint_dir(self.workdir)} to resume from the checkpoint before it.')
     stored = self._manager.item_metadata(step)
-    where = f'checkpoint {os.path.join(checkpoint_dir(self.workdir), str(step))}'
     target = _abstract(variables.to_pure_dict())
     _check_shapes(stored['model'], target, where)
     items = {'model': ocp.args.StandardRestore(target), 'meta': ocp.args.JsonRestore()}
-    complete = stored.get('opt') is not None
     if complete:
-      saved_layout = self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))['meta'].get('data_layout')
-      if saved_layout != data_layout:
+      if meta['data_layout'] != data_layout:
         raise ValueError(
-            f'{where} was written with {saved_layout}, this run has {data_layout}: the data '
-            f'order can only continue with the same number of processes and '
+            f'{where} was written with {meta["data_layout"]}, this run has {data_layout}: the '
+            f'data order can only continue with the same number of processes and '
             f'config.data.worker_count')
       items['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -31,8 +31,8 @@ from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from pspnet_jax import (checkpoint, configuration, evaluate, losses, optim, sharding, train_state,
-                        writers)
+from pspnet_jax import (checkpoint, configuration, evaluate, losses, optim, run_lock, sharding,
+                        train_state, writers)
 from pspnet_jax.data import pipeline, registry
 from pspnet_jax.train_state import TrainState
 
@@ -166,10 +166,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any) and evaluates.
 
   Returns the last evaluation's metrics, or {} when the run was stopped by a
-  signal or preemption before its end.
+  signal or preemption before its end. Refuses a workdir that another live run
+  holds (`run_lock`).
   """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
+  with run_lock.hold(workdir, is_lead_process=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
@@ -196,10 +202,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         num_steps)
     logging.info('resumed from checkpoint %d (%s)', latest,
                  'weights, optimizer and data order' if has_optimizer else 'weights only')
+    best = checkpointer.best_step()
+    if best is not None:
+      logging.info('best checkpoint so far: step %d (%s %.4f)', best, checkpoint.BEST_METRIC,
+                   checkpointer.metrics(best)[checkpoint.BEST_METRIC])
 
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json(indent=2))
+    writers.drop_rows_after(workdir, int(state.step))
 
   step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
   crop = config.data.crop_size
@@ -246,12 +257,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       step, values['loss'], consecutive_nonfinite, nonfinite_total)
       if consecutive_nonfinite >= config.train.max_nonfinite_steps:
         checkpointer.wait_until_finished()
+        last = checkpointer.latest_step()
+        kept = ('No checkpoint was written yet.' if last is None else
+                f'The last checkpoint, step {last} in {checkpoint.checkpoint_dir(workdir)}, '
+                f'is intact.')
         raise FloatingPointError(
             f'{consecutive_nonfinite} consecutive steps (up to step {step}) had a non-finite loss '
             f'(config.train.max_nonfinite_steps={config.train.max_nonfinite_steps}); stopped. '
-            f'The last checkpoint, step {checkpointer.latest_step()} in '
-            f'{checkpoint.checkpoint_dir(workdir)}, is intact. Check the data or lower '
-            f'optim.base_lr.')
+            f'{kept} Check the data or lower optim.base_lr.')
     window.append(values)
 
   try:

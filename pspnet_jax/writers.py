@@ -56,6 +56,34 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
+def drop_rows_after(workdir: str, step: int) -> None:
+  """Removes metrics.jsonl rows past `step` (and a torn last line) before a resumed run.
+
+  A run that resumes from checkpoint `step` replays the steps after it and logs
+  them again; without this, readers would see two rows for one step.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # the process died in the middle of writing this row
+      continue
+    if row['step'] <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if kept != lines:
+    # Replaced whole, so a crash here leaves the old file or the new one, never half.
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    logging.info('%s: dropped %d rows past step %d, which this run replays', path,
+                 len(lines) - len(kept), step)
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + metrics.jsonl + console on process 0; console only elsewhere."""
   if jax.process_index() > 0:
