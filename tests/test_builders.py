@@ -213,7 +213,7 @@ def test_training_on_a_folder_reports_its_own_class_names(tmp_path):
   config.data.update(name='folder', folder_dir=str(root), data_dir=str(tmp_path / 'tfds'),
                      num_classes=3, crop_size=33)
   config.model.backbone = 'resnet18'
-  config.train.update(batch_size=2, num_steps=1, log_every=1)
+  config.train.update(batch_size=8, num_steps=1, log_every=1)  # 8 test devices
   config.eval.batch_size = 8
   folder.builder(root, config.data.data_dir).build(root)
   workdir = tmp_path / 'work'
