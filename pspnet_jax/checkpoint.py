@@ -22,7 +22,7 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from pspnet_jax import sharding
-from pspnet_jax.models import create_model
+from pspnet_jax.models import create_model, dropout_streams
 
 # Key of the eval metric that decides which checkpoint is the best one.
 BEST_METRIC = 'eval/mIoU'
@@ -138,20 +138,11 @@ def load_model(config, workdir: str, step: int | None = None, *, mesh=None) -> L
   (default: all devices), never built at random first.
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
-
-  def fresh_model():
-    return create_model(config, rngs=nnx.Rngs(config.seed))
-
-  def split(model):
-    """(graphdef, parameters and BatchNorm statistics, dropout streams)."""
-    return nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
-
-  graphdef, abstract_variables, _ = split(nnx.eval_shape(fresh_model))
+  abstract_model = nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(config.seed)))
+  graphdef, abstract_variables, _ = nnx.split(abstract_model, (nnx.Param, nnx.BatchStat), ...)
   abstract_variables = sharding.with_sharding(abstract_variables, sharding.replicated(mesh))
   variables, step, meta = restore_model(workdir, abstract_variables, step)
-  # Dropout's random streams are not checkpointed (evaluation never draws from them);
-  # under jit XLA drops the unused parameter initialization.
-  streams = jax.jit(lambda: split(fresh_model())[2], out_shardings=sharding.replicated(mesh))()
+  streams = jax.jit(lambda: dropout_streams(config), out_shardings=sharding.replicated(mesh))()
   model = nnx.merge(graphdef, variables, streams)
   model.eval()
   return LoadedModel(model, step, meta)
@@ -233,7 +224,7 @@ class TrainCheckpointer:
     stored = self._manager.item_metadata(step)
     target = _abstract(variables.to_pure_dict())
     _check_shapes(stored['model'], target, where)
-    items = {'model': ocp.args.StandardRestore(target), 'meta': ocp.args.JsonRestore()}
+    items = {'model': ocp.args.StandardRestore(target)}
     if complete:
       if meta['data_layout'] != data_layout:
         raise ValueError(
@@ -245,7 +236,7 @@ class TrainCheckpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     variables = nnx.State(variables)
     nnx.replace_by_pure_dict(variables, restored['model'])
-    return variables, restored['opt'] if complete else None, restored['meta']
+    return variables, restored['opt'] if complete else None, meta
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from pspnet_jax import checkpoint, sharding, weights
-from pspnet_jax.models import create_model
+from pspnet_jax.models import create_model, dropout_streams
 
 
 @flax.struct.dataclass
@@ -114,10 +114,7 @@ def restore_train_state(config, tx: optax.GradientTransformation, mesh,
   variables, opt_item, meta = checkpointer.restore(step, *checkpoint_items(abstract),
                                                    data_iterator, data_layout)
   params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
-  # The dropout streams are not checkpointed: every step reseeds them from (seed, step).
-  # Under jit, XLA drops the parameter initialization that only they would need.
-  rngs = jax.jit(lambda: _init_variables(config)[2],
-                 out_shardings=sharding.replicated(mesh))()
+  rngs = jax.jit(lambda: dropout_streams(config), out_shardings=sharding.replicated(mesh))()
   if opt_item is None:
     state = _placed_new_state(params, batch_stats, rngs, tx, mesh)
   else:

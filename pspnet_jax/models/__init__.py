@@ -19,3 +19,13 @@ def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
                 use_ppm=model_config.use_ppm, ppm_bins=tuple(model_config.ppm_bins),
                 dropout=model_config.dropout, zoom_factor=model_config.zoom_factor,
                 dtype=DTYPES[model_config.dtype], rngs=rngs)
+
+
+def dropout_streams(config) -> nnx.State:
+  """The dropout streams (nnx.RngState) of the model `create_model(config, ...)` builds.
+
+  Checkpoints do not hold them: every train step reseeds them from (seed,
+  step) and evaluation never draws from them. Called under `jax.jit`, only
+  this part of the initialization is left after XLA drops the unused rest.
+  """
+  return nnx.state(create_model(config, rngs=nnx.Rngs(config.seed)), nnx.RngState)
