@@ -4,6 +4,11 @@ A TFDS build takes any bytes it is given: a truncated JPEG, an empty file or
 an RGB label would only fail (or turn the loss into NaN) in the middle of a
 training run. So `ValidatingBuilder` checks every pair while it writes:
 
+  - both files can be read: a folder named like an image (`images/x.jpg/`),
+    a symlink loop or an unreadable file is a bad pair, not an OSError that
+    ends the build;
+  - one image and one label per stem: `dup.jpg` next to `dup.png` is a bad
+    pair naming both files, since which one goes with the label is a guess;
   - the image decodes (OpenCV, as TFDS decodes it when reading back);
   - the label decodes with PIL and is single-channel ('L', or 'P' whose
     palette indices are the classes: OpenCV would expand a palette to colour);
@@ -22,21 +27,33 @@ A failed build leaves no dataset behind: TFDS writes into a temporary folder,
 removes it on an error and renames it only when every split generator has
 finished.
 
-The report ({dataset, config, num_classes, class_names, manual_dir, splits:
-{split: found, official, written, skipped, skipped_files [{file, reason}],
-class_pixels {class name: pixels}, ignore_ratio}}) is written as
-`build_report.json` into the dataset's version folder, next to TFDS's
-dataset_info.json. Its class_names are what a folder dataset's classes.txt said
-when it was built, so training can name the classes without the folder.
+A build is reused only while its source is unchanged. The report records
+`source_digest`, a hash of the class names and of every pair's files (path
+under manual_dir, size, modification time); building again from a source whose
+digest differs (labels fixed, images added or removed) raises `SourceChanged`
+instead of handing back the old report, and `overwrite=True` (prepare's
+`--overwrite`) rebuilds. The previous build stays in place until the new one is
+complete, and comes back if the rebuild fails.
+
+The report ({dataset, config, num_classes, class_names, manual_dir,
+source_digest, splits: {split: found, official, written, skipped, skipped_files
+[{file, reason}], class_pixels {class name: pixels}, ignore_ratio}}) is
+written as `build_report.json` into the dataset's version folder, next to
+TFDS's dataset_info.json. Its class_names are what a folder dataset's
+classes.txt said when it was built, so training can name the classes without
+the folder.
 
 A dataset subclass provides `_read_source(manual_dir)` (its pairs per split
 and its class names) and, when its label files need it, `_remap`.
 """
 
 import abc
+import collections
 import dataclasses
+import hashlib
 import io
 import json
+import os
 
 import cv2
 from etils import epath
@@ -61,16 +78,25 @@ class BuildError(ValueError):
   """The source tree cannot become the dataset; the message names the file or the rule."""
 
 
+class SourceChanged(BuildError):
+  """manual_dir is no longer what the existing build was built from."""
+
+
 class InvalidExample(ValueError):
   """One pair fails a check; the message is the reason."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-  """One example's files; `name` (the image's path under manual_dir) is stored as file_name."""
+  """One example's files; `name` (the image's path under manual_dir) is stored as file_name.
+
+  `problem`, when set, is why the pair is bad before any file is read (two
+  images for one stem): the build skips it with that reason like any other.
+  """
   name: str
   image: epath.Path | None
   label: epath.Path | None
+  problem: str | None = None
 
 
 @dataclasses.dataclass
@@ -88,14 +114,29 @@ def require_folders(root: epath.Path, *folders: epath.Path) -> tuple[epath.Path,
   return folders
 
 
-def pair_by_stem(root: epath.Path, images: dict, label_files: dict) -> list[Pair]:
-  """{stem: image path} and {stem: label path} -> pairs sorted by stem.
+def pair_by_stem(root: epath.Path, images, label_files) -> list[Pair]:
+  """(stem, path) of every image and of every label -> one pair per stem, sorted by stem.
 
-  A stem with only one of the two files is still a pair (with None), so that
-  the build reports it instead of silently dropping it.
+  The build reports what it cannot pair instead of silently dropping a file: a
+  stem with only one of the two files is still a pair (with None), and a stem
+  that two images (or two labels) share is a pair whose `problem` names them.
   """
-  return [Pair(str((images.get(stem) or label_files[stem]).relative_to(root)), images.get(stem),
-               label_files.get(stem)) for stem in sorted(images.keys() | label_files.keys())]
+  images_of, labels_of = collections.defaultdict(list), collections.defaultdict(list)
+  for stem, path in images:
+    images_of[stem].append(path)
+  for stem, path in label_files:
+    labels_of[stem].append(path)
+  pairs = []
+  for stem in sorted(images_of.keys() | labels_of.keys()):
+    image_paths, label_paths = sorted(images_of[stem], key=str), sorted(labels_of[stem], key=str)
+    problems = [f'{len(paths)} {kind} files share the stem {stem!r} '
+                f'({", ".join(str(path.relative_to(root)) for path in paths)}); keep one'
+                for kind, paths in (('image', image_paths), ('label', label_paths))
+                if len(paths) > 1]
+    image, label = (paths[0] if paths else None for paths in (image_paths, label_paths))
+    pairs.append(Pair(str((image or label).relative_to(root)), image, label,
+                      '; '.join(problems) or None))
+  return pairs
 
 
 def find_pairs(root: epath.Path, image_dir: str, label_dir: str,
@@ -103,8 +144,44 @@ def find_pairs(root: epath.Path, image_dir: str, label_dir: str,
   """Images of root/image_dir and .png labels of root/label_dir matched by stem, sorted."""
   image_folder, label_folder = require_folders(root, root / image_dir, root / label_dir)
   return pair_by_stem(
-      root, {p.stem: p for p in image_folder.iterdir() if p.suffix.lower() in image_suffixes},
-      {p.stem: p for p in label_folder.iterdir() if p.suffix.lower() == '.png'})
+      root, [(p.stem, p) for p in image_folder.iterdir() if p.suffix.lower() in image_suffixes],
+      [(p.stem, p) for p in label_folder.iterdir() if p.suffix.lower() == '.png'])
+
+
+def _file_state(root: epath.Path, file) -> list | None:
+  """[path under root, size, modification time] of a pair's file, or [path, why not]."""
+  if file is None:
+    return None
+  path = os.fspath(file)
+  remote = '://' in path
+  name = path if remote else os.path.relpath(path, root)
+  try:
+    if remote:  # GCS and other etils backends report whole seconds
+      stat = epath.Path(path).stat()
+      return [name, stat.length, stat.mtime]
+    stat = os.stat(path)  # nanoseconds: a label fixed in the second it was built still counts
+    return [name, stat.st_size, stat.st_mtime_ns]
+  except OSError as error:
+    return [name, error.strerror or str(error)]
+
+
+def source_digest(root: epath.Path, source: Source) -> str:
+  """A hash of what `source` would build from: class names, pairs, each file's size and mtime.
+
+  Paths are taken under root, so moving the whole manual_dir keeps its digest.
+  """
+  digest = hashlib.sha256(json.dumps(list(source.class_names)).encode())
+  for split in sorted(source.splits):
+    for pair in source.splits[split]:
+      digest.update(json.dumps([split, pair.name, pair.problem, _file_state(root, pair.image),
+                                _file_state(root, pair.label)]).encode())
+  return digest.hexdigest()
+
+
+def absolute_path(path) -> str:
+  """`path` absolute and normalized, ~ expanded; a URI (gs://...) as it is, less a final /."""
+  path = os.fspath(path)
+  return path.rstrip('/') if '://' in path else os.path.abspath(os.path.expanduser(path))
 
 
 def png(array: np.ndarray) -> bytes:
@@ -112,6 +189,16 @@ def png(array: np.ndarray) -> bytes:
   ok, encoded = cv2.imencode('.png', np.ascontiguousarray(array))
   assert ok, 'OpenCV failed to encode a PNG'
   return encoded.tobytes()
+
+
+def _read(file, role: str) -> bytes:
+  """The bytes of a pair's `role` file ('image', 'label'), or InvalidExample saying why not."""
+  try:
+    return file.read_bytes()
+  except IsADirectoryError:
+    raise InvalidExample(f'{role} is a folder, not a file') from None
+  except OSError as error:  # a symlink loop, a dangling link, no permission
+    raise InvalidExample(f'{role} cannot be read ({error.strerror or error})') from None
 
 
 def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]:
@@ -122,11 +209,15 @@ def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]
   16-bit and similar images are converted to 8-bit BGR by OpenCV and stored as
   PNG. The label is always re-encoded: remapped, single-channel PNG.
   """
+  if pair.problem:
+    raise InvalidExample(pair.problem)
   if pair.image is None:
     raise InvalidExample('no image with this label')
+  # Read before asking for the label: a folder named like an image has none,
+  # and "no label" would hide what it is.
+  image_bytes = _read(pair.image, 'image')
   if pair.label is None:
     raise InvalidExample('no label with this image')
-  image_bytes = pair.image.read_bytes()
   buffer = np.frombuffer(image_bytes, np.uint8)
   # IMREAD_UNCHANGED is how TFDS decodes (no EXIF rotation), so the sizes
   # checked here are the sizes training sees.
@@ -135,8 +226,9 @@ def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]
     raise InvalidExample(f'image does not decode ({len(image_bytes)} bytes)')
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
     image_bytes = png(cv2.imdecode(buffer, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION))
+  label_bytes = _read(pair.label, 'label')
   try:
-    with Image.open(io.BytesIO(pair.label.read_bytes())) as decoded:
+    with Image.open(io.BytesIO(label_bytes)) as decoded:
       mode, source = decoded.mode, np.array(decoded)
   except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
     raise InvalidExample(f'label does not decode ({error})') from None
@@ -163,6 +255,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     super().__init__(**kwargs)
     self.strict = strict
     self._class_names = ()
+    self._source_digest = None
     self._reports = {}
 
   @abc.abstractmethod
@@ -186,8 +279,12 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     )
 
   def _split_generators(self, dl_manager):
-    source = self._read_source(epath.Path(dl_manager.manual_dir))
+    manual_dir = epath.Path(dl_manager.manual_dir)
+    source = self._read_source(manual_dir)
     self._class_names = tuple(source.class_names)
+    # Hashed before any file is read: a file changed during the build makes
+    # the next build see a changed source, never the other way round.
+    self._source_digest = source_digest(manual_dir, source)
     return {split: self._generate_examples(split, pairs)
             for split, pairs in source.splits.items()}
 
@@ -236,14 +333,67 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     """The build report on disk; None when this dataset was never built here."""
     return json.loads(self.report_path.read_text()) if self.report_path.exists() else None
 
-  def build(self, manual_dir) -> dict:
-    """Builds from `manual_dir` (a no-op when already built) and returns the build report."""
+  def build(self, manual_dir, *, overwrite: bool = False) -> dict:
+    """Builds from `manual_dir` and returns the build report.
+
+    An existing build is reused while its source is unchanged (same
+    `source_digest`); a changed source raises SourceChanged, and
+    `overwrite=True` rebuilds whatever is there. The previous build is set
+    aside as `<version>.previous` during a rebuild and put back if it fails;
+    after a rebuild killed outright, the next call puts it back.
+    """
+    manual_dir = epath.Path(absolute_path(manual_dir))
+    previous = self.data_path.parent / f'{self.data_path.name}.previous'
+    if previous.exists():  # an earlier rebuild was killed
+      if self.data_path.exists():
+        previous.rmtree()  # ... after TFDS finished it: the new build is complete
+      else:
+        previous.rename(self.data_path)  # ... midway: the old build comes back
+    if self.is_prepared() and not overwrite:
+      self._check_source(manual_dir)
+      return self.report()
+    # Anything at data_path, a build or an unfinished leftover, would make TFDS reuse it.
+    if not self.data_path.exists():
+      return self._generate(manual_dir)
+    self.data_path.rename(previous)
+    try:
+      # This builder has read the old build's dataset info, which TFDS refuses
+      # to overwrite; one made now sees an empty slot.
+      report = type(self)(data_dir=str(self.data_dir_root), config=self.builder_config,
+                          version=str(self.version), strict=self.strict)._generate(manual_dir)
+    except BaseException:
+      previous.rename(self.data_path)
+      raise
+    previous.rmtree()
+    return report
+
+  def _generate(self, manual_dir: epath.Path) -> dict:
+    """Writes the dataset and its report into the empty data_path; returns the report."""
     self.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
-    if self._reports:
-      report = {'dataset': self.name, 'config': self.builder_config and self.builder_config.name,
-                'num_classes': len(self._class_names), 'class_names': list(self._class_names),
-                'manual_dir': str(manual_dir), 'splits': self._reports}
-      self.report_path.write_text(json.dumps(report, indent=1))
-    return self.report()
+    report = {'dataset': self.name, 'config': self.builder_config and self.builder_config.name,
+              'num_classes': len(self._class_names), 'class_names': list(self._class_names),
+              'manual_dir': str(manual_dir), 'source_digest': self._source_digest,
+              'splits': self._reports}
+    self.report_path.write_text(json.dumps(report, indent=1))
+    return report
+
+  def _check_source(self, manual_dir: epath.Path):
+    """SourceChanged unless the build here was built from what manual_dir holds now."""
+    report = self.report() or {}
+    source = self._read_source(manual_dir)
+    if report.get('source_digest') == source_digest(manual_dir, source):
+      return
+    where = f'the build in {self.data_dir}'
+    if 'source_digest' not in report:
+      raise SourceChanged(f'{where} records no digest of its source (built by an older '
+                          f'prepare), so whether {manual_dir} changed since is unknown: rebuild '
+                          f'it with --overwrite')
+    then = {split: numbers['found'] for split, numbers in report['splits'].items()}
+    now = {split: len(pairs) for split, pairs in source.splits.items()}
+    counts = [f'{split}: {then.get(split, 0)} files then, {now.get(split, 0)} now'
+              for split in sorted(then.keys() | now.keys()) if then.get(split) != now.get(split)]
+    what = ', '.join(counts) or 'files or class names modified'
+    raise SourceChanged(f'{manual_dir} changed since {where} was made from it ({what}): the build '
+                        f'is stale; rebuild it with --overwrite')

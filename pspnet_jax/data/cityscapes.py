@@ -36,8 +36,8 @@ def find_pairs(root: epath.Path, folder: str) -> list[builders.Pair]:
       root, root / 'leftImg8bit' / folder, root / 'gtFine' / folder)
   return builders.pair_by_stem(
       root,
-      {p.name.removesuffix(_IMAGE_SUFFIX): p for p in image_folder.glob(f'*/*{_IMAGE_SUFFIX}')},
-      {p.name.removesuffix(_LABEL_SUFFIX): p for p in label_folder.glob(f'*/*{_LABEL_SUFFIX}')})
+      [(p.name.removesuffix(_IMAGE_SUFFIX), p) for p in image_folder.glob(f'*/*{_IMAGE_SUFFIX}')],
+      [(p.name.removesuffix(_LABEL_SUFFIX), p) for p in label_folder.glob(f'*/*{_LABEL_SUFFIX}')])
 
 
 class CityscapesSemseg(builders.ValidatingBuilder):

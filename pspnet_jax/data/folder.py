@@ -9,15 +9,19 @@ Layout of the folder (manual_dir):
   labels/validation/...
 
 Label values are used as they are: 0..len(classes)-1, and 255 for pixels to
-ignore. Every folder is its own BuilderConfig, named after the folder
-(`config_name`), so several folders live side by side in one data_dir; two
-folders with the same name share the slot, rename one. Train with
+ignore. Every folder is its own BuilderConfig (`config_name`): the folder's
+name for the eye plus a hash of its absolute path, so several folders live
+side by side in one data_dir and /a/boats and /b/boats never share a build.
+Prepare and training both key the slot on config.data.folder_dir made
+absolute, so a relative folder_dir finds the build only from the same working
+directory; prepare prints the absolute one. Train with
 `--config.data.name=folder --config.data.folder_dir=FOLDER
 --config.data.num_classes=N` (prepare prints the line). The class names go
 into the build report, so training names the classes even when the folder is
 no longer there (`registry.class_names`).
 """
 
+import hashlib
 import re
 
 from etils import epath
@@ -30,11 +34,14 @@ CLASSES_FILE = 'classes.txt'
 
 
 def config_name(folder_dir) -> str:
-  """The BuilderConfig name of a folder: its base name, lower case, [a-z0-9_] only."""
-  name = re.sub(r'[^a-z0-9_]+', '_', epath.Path(folder_dir).name.lower()).strip('_')
-  if not name:
-    raise ValueError(f'folder {folder_dir!r}: its name gives no dataset name; rename it')
-  return name
+  """The BuilderConfig name of a folder: its base name in [a-z0-9_], and its absolute path's hash.
+
+  Eight hex digits of sha256 make two folders' slots collide once in four
+  billion pairs.
+  """
+  path = builders.absolute_path(folder_dir)
+  base = re.sub(r'[^a-z0-9_]+', '_', epath.Path(path).name.lower()).strip('_')
+  return f'{base or "folder"}_{hashlib.sha256(path.encode()).hexdigest()[:8]}'
 
 
 def read_classes(folder_dir) -> list[str]:

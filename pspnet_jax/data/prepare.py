@@ -9,14 +9,23 @@
 
 Prints where the dataset went, the build report (also saved as
 build_report.json next to it) and the config flags that train on it. Bad
-examples are skipped and listed; --strict stops at the first one instead.
+examples (unreadable files, folders named like images, two images with one
+stem, ...) are skipped and listed; --strict stops at the first one instead.
+
+Run again on an unchanged source, it reuses the build and prints its report.
+When the source changed since (files added, removed or rewritten, other class
+names), it refuses with one line and exits 1 instead of passing the stale
+build off as current; --overwrite rebuilds, keeping the old build until the new
+one is complete.
 """
+
+import sys
 
 from absl import app
 from absl import flags
 import ml_collections
 
-from pspnet_jax.data import registry
+from pspnet_jax.data import builders, registry
 
 # Every dataset that is built from files (all but the generated synthetic one), by
 # config.data.name or another name users know it by.
@@ -33,6 +42,8 @@ _MANUAL_DIR = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'TFDS data dir to build into (default: ~/tensorflow_datasets).')
 _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example instead of skipping.')
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Rebuild even when a build is there (needed when the source changed).')
 # How many skipped files (and classes without pixels) the summary lists; all are in
 # build_report.json.
 _LISTED_SKIPS = 20
@@ -41,13 +52,22 @@ _LISTED_SKIPS = 20
 def main(argv):
   del argv
   dataset = registry.get(_DATASET.value)
-  # The keys training will read; the folder builder is named after folder_dir,
-  # the official ones ignore it.
+  # Absolute, so that the printed flags find the same folder slot from any
+  # working directory.
+  manual_dir = builders.absolute_path(_MANUAL_DIR.value)
+  # The keys training will read; the folder builder's slot is keyed on
+  # folder_dir, the official ones ignore it.
   config = ml_collections.ConfigDict({'data': {
-      'name': dataset.name, 'data_dir': _DATA_DIR.value, 'folder_dir': _MANUAL_DIR.value}})
+      'name': dataset.name, 'data_dir': _DATA_DIR.value, 'folder_dir': manual_dir}})
   builder = registry.builder(config, strict=_STRICT.value)
-  report = builder.build(_MANUAL_DIR.value)
-  print(f'built {builder.info.full_name} into {builder.data_dir} '
+  reused = builder.is_prepared() and not _OVERWRITE.value
+  try:
+    report = builder.build(manual_dir, overwrite=_OVERWRITE.value)
+  except builders.BuildError as error:
+    # The message names the file, the rule or the flag; a traceback would bury it.
+    sys.exit(f'prepare: {error}')
+  verb = 'reused (source unchanged)' if reused else 'built'
+  print(f'{verb} {builder.info.full_name} in {builder.data_dir} '
         f'({report["num_classes"]} classes)')
   for split, numbers in report['splits'].items():
     official = f', official {numbers["official"]}' if numbers['official'] else ''

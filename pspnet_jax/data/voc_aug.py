@@ -31,6 +31,7 @@ the object boundaries (ignored); any other value is reported as a bad file.
 """
 
 import io
+import os
 
 from etils import epath
 import numpy as np
@@ -60,6 +61,9 @@ class _SbdLabel:
 
   def __str__(self):
     return str(self.path)  # how a bad label is named in the report
+
+  def __fspath__(self):
+    return os.fspath(self.path)  # the file whose size and mtime go into the source digest
 
   def read_bytes(self) -> bytes:
     try:
