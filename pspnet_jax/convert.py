@@ -3,11 +3,14 @@
   python -m pspnet_jax.convert --config=configs/ade20k.py --workdir=DIR \\
       --import_path=train_epoch_100.pth --format=semseg
   python -m pspnet_jax.convert --config=configs/ade20k.py --workdir=DIR \\
-      --export_path=pspnet50.pth --format=semseg [--step=N]
+      --export_path=pspnet50.pth --format=semseg [--step=N] [--overwrite]
 
 An import becomes checkpoint 0 of an empty workdir (training then starts from
-those weights with a fresh optimizer); an export writes the latest (or
-`--step`) checkpoint. Reading or writing `.pth` needs PyTorch.
+those weights with a fresh optimizer); a file that cannot be read fails with
+its name and the reason, and non-float32 weights are converted with a warning.
+An export writes the latest (or `--step`) checkpoint; the file appears under
+its name only once complete, and an existing file is replaced only with
+`--overwrite`. Reading or writing `.pth` needs PyTorch.
 """
 
 from absl import app, flags, logging
@@ -23,6 +26,8 @@ _EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint
 _FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {weights.IMPORT_FORMATS}; export: '
                               f'{weights.EXPORT_FORMATS}.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Export: replace an existing --export_path '
+                               '(refused otherwise).')
 
 
 def main(argv):
@@ -43,7 +48,7 @@ def main(argv):
       raise app.UsageError(f'--format={_FORMAT.value} cannot be exported; use one of '
                            f'{weights.EXPORT_FORMATS}')
     step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
-                                  _STEP.value)
+                                  _STEP.value, overwrite=_OVERWRITE.value)
     logging.info('exported step %d of %s to %s (%s)', step, _WORKDIR.value, _EXPORT.value,
                  _FORMAT.value)
 

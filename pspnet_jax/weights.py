@@ -9,11 +9,29 @@ here and OIHW in PyTorch.
 
 Reading or writing `.pth` needs PyTorch (imported only when a .pth is
 touched, never by training without one); safetensors files need no torch.
+
+What a file holds is checked, never assumed. A file that cannot be read
+(empty, truncated, not a PyTorch or safetensors file) fails with its path, its
+size and the reason. The model's variables are float32: float16, bfloat16 and
+float64 tensors are converted with a warning that names the dtypes and counts
+the tensors; an integer or bool tensor where the model needs a parameter or a
+statistic is refused by name (BatchNorm's int64 `num_batches_tracked` buffers
+are no variables of ours and stay accepted).
+
+An export is written to a hidden temporary file in the target's directory and
+`os.replace`d onto its name only once complete, so an interrupted export never
+leaves half a file under that name; an existing file is refused unless
+`overwrite=True` (`--overwrite` of the command).
 """
 
+import collections
+import contextlib
+import functools
 import os
 import re
+import uuid
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +61,16 @@ _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'r
                'var': 'running_var'}
 _BACKBONE_PREFIXES = ('layer0.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
 _BATCHES_TRACKED = 'num_batches_tracked'
+# safetensors' dtype names. numpy has no bfloat16 (which is why safetensors.numpy cannot read
+# bf16 files); jax's (ml_dtypes) keeps the bits until the conversion to float32.
+_SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+                       'BF16': jnp.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
+                       'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+# torch.save writes a zip archive (since PyTorch 1.6), whose end-of-central-directory record is in
+# its last 22 bytes plus a comment of at most 64 KiB; older versions wrote a protocol-2 pickle,
+# which starts with the PROTO opcode.
+_ZIP_START, _ZIP_END, _ZIP_END_SEARCH = b'PK\x03\x04', b'PK\x05\x06', 22 + 0xFFFF
+_PICKLE_START = b'\x80'
 
 # ImageNet backbones (config.model.pretrained_format), by stem; the file may be .pth or
 # .safetensors.
@@ -112,6 +140,7 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
   """
   renames = _RESNET_RENAMES if backbone_only else _SEMSEG_RENAMES
   used, problems = set(), []
+  converted = collections.Counter()  # dtype name -> how many tensors were cast to float32
 
   def replace(path, value):
     name = checkpoint.dotted_name(path)
@@ -123,14 +152,25 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
       return value
     used.add(key)
     tensor = np.asarray(tensors[key])
+    # Every variable of ours is a float; an integer tensor here is a wrong file, not a weight.
+    if not jnp.issubdtype(tensor.dtype, jnp.floating):
+      problems.append(f'{key}: dtype {tensor.dtype}, the model needs a floating-point tensor')
+      return value
     if tensor.shape != _torch_shape(value.shape):
       problems.append(f'{key}: shape {tensor.shape}, the model needs {_torch_shape(value.shape)}')
       return value
-    if not np.all(np.isfinite(tensor)):
-      problems.append(f'{key}: holds NaN or infinite values')
+    # Checked after the cast: a float64 value beyond float32's range becomes infinite (and is
+    # reported below rather than warned about by numpy).
+    with np.errstate(over='ignore'):
+      array = tensor.astype(np.float32)
+    if not np.all(np.isfinite(array)):
+      cast = '' if tensor.dtype == np.float32 else f' as float32 (from {tensor.dtype})'
+      problems.append(f'{key}: holds NaN or infinite values{cast}')
       return value
+    if tensor.dtype != np.float32:
+      converted[tensor.dtype.name] += 1
     # A copy on the device: numpy views of torch tensors would change under the model's feet.
-    return jnp.array(_from_torch_array(tensor), jnp.float32)
+    return jnp.array(_from_torch_array(array))
 
   pure = jax.tree_util.tree_map_with_path(replace, variables.to_pure_dict())
   ignored_prefixes = ('fc.',) if backbone_only else ()  # the ImageNet classifier
@@ -141,6 +181,12 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
     raise ValueError(_format_problems(f'{source} do not fit the model of the config '
                                       '(check model.backbone, model.deep_stem, model.use_ppm, '
                                       'data.num_classes and --format)', problems))
+  if converted:
+    # Not an error (half-precision releases are common), but the extra precision of an fp32
+    # training is not in the file, and an export writes float32, not the file's dtype.
+    logging.warning('%s: %s of %d tensors converted to float32 (the dtype of the model)', source,
+                    ', '.join(f'{count} {dtype}' for dtype, count in sorted(converted.items())),
+                    len(used))
   result = nnx.State(variables)
   nnx.replace_by_pure_dict(result, pure)
   return result
@@ -155,53 +201,149 @@ def _import_torch():
   return torch
 
 
+def _torch_file_diagnosis(path: str) -> str | None:
+  """Why torch.load refused `path`, when its first and last bytes tell (the loader's own message
+  is "KeyError: '101'" for a text file and a miniz internal for a truncated archive)."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as file:
+    head = file.read(len(_ZIP_START))
+    file.seek(max(0, size - _ZIP_END_SEARCH))
+    tail = file.read()
+  if head.startswith(_ZIP_START):
+    return None if _ZIP_END in tail else 'truncated: a zip archive (torch.save) without its end'
+  if not head.startswith(_PICKLE_START):
+    return (f'not a PyTorch file: it begins with {head!r}, neither a zip archive (torch.save) '
+            'nor a pickle (torch.save before PyTorch 1.6)')
+  return None
+
+
+def _unreadable(path: str, what: str, error: Exception, diagnosis: str | None = None
+                ) -> ValueError:
+  """The error for a file a reader refused: the path, its size and a reason that is never empty
+  (torch.load of an empty file raises an EOFError without a message)."""
+  size = os.path.getsize(path)
+  if size == 0:
+    reason = 'the file is empty'
+  elif diagnosis:
+    reason = diagnosis
+  else:
+    reason = f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
+  return ValueError(f'{path} is not a readable {what} ({size} bytes): {reason}')
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  # The file's raw bytes per tensor: safetensors.numpy.load_file cannot give bfloat16.
+  from safetensors import deserialize  # pylint: disable=import-outside-toplevel
+  with open(path, 'rb') as file:
+    try:
+      entries = deserialize(file.read())
+    except Exception as error:  # safetensors raises its own SafetensorError
+      raise _unreadable(path, 'safetensors file', error) from error
+  tensors = {}
+  for key, entry in entries:
+    if entry['dtype'] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'{path}: tensor {key!r} has dtype {entry["dtype"]}, which this reader '
+                       f'does not take ({sorted(_SAFETENSORS_DTYPES)})')
+    dtype = _SAFETENSORS_DTYPES[entry['dtype']]
+    tensors[key] = np.frombuffer(entry['data'], dtype).reshape(entry['shape'])
+  return tensors
+
+
+def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  torch = _import_torch()
+  try:
+    loaded = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as error:  # pickle, zip and torch errors alike mean the same here
+    raise _unreadable(path, 'PyTorch checkpoint', error, _torch_file_diagnosis(path)) from error
+  extras = {}
+  if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
+    if 'epoch' in loaded:
+      extras['epoch'] = int(loaded['epoch'])
+    loaded = loaded['state_dict']
+  if not isinstance(loaded, dict):
+    raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state_dict')
+  tensors = {}
+  for key, value in loaded.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor')
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+      # numpy has no bfloat16: the same bits as jax's, cast to float32 with the others later.
+      tensors[key] = value.view(torch.int16).numpy().view(jnp.bfloat16)
+      continue
+    try:
+      tensors[key] = value.numpy()
+    except TypeError as error:  # float8 and other dtypes numpy cannot hold
+      raise ValueError(f'{path}: entry {key!r} has dtype {value.dtype}: {error}') from error
+  return tensors, extras
+
+
 def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """A .pth (official checkpoint or bare state_dict) or .safetensors file -> (numpy tensors, extras).
 
   `module.` prefixes (DataParallel / DistributedDataParallel) are stripped;
-  extras holds the official checkpoint's `epoch` when present.
+  extras holds the official checkpoint's `epoch` when present. Tensors keep
+  the file's dtype (bfloat16 as jax's); a file that cannot be read raises a
+  ValueError that names it and says why.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no weights file at {path}')
-  extras = {}
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    try:
-      raw = load_file(path)
-    except Exception as error:  # safetensors raises its own SafetensorError
-      raise ValueError(f'{path} is not a readable safetensors file: {error}') from error
+    raw, extras = _read_safetensors(path), {}
   else:
-    torch = _import_torch()
-    try:
-      loaded = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike mean the same here
-      raise ValueError(f'{path} is not a readable PyTorch checkpoint: {error}') from error
-    if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
-      if 'epoch' in loaded:
-        extras['epoch'] = int(loaded['epoch'])
-      loaded = loaded['state_dict']
-    if not isinstance(loaded, dict):
-      raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state_dict')
-    raw = {}
-    for key, value in loaded.items():
-      if not isinstance(value, torch.Tensor):
-        raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor')
-      raw[key] = value.detach().cpu().numpy()
+    raw, extras = _read_torch(path)
   tensors = {key.removeprefix('module.'): value for key, value in raw.items()}
   return tensors, extras
 
 
-def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch: int) -> None:
-  """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys) or safetensors."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def _refuse_existing(path: str, overwrite: bool) -> None:
+  if not overwrite and os.path.lexists(path):
+    raise FileExistsError(f'{path} already exists; give --overwrite (overwrite=True) to '
+                          'replace it')
+
+
+def _write_atomically(path: str, write, *, overwrite: bool) -> None:
+  """`write(temporary_path)`, then the finished file moved onto `path`.
+
+  The temporary file is hidden in the same directory (os.replace is atomic only
+  within one file system), so `path` holds the old file or the new one, never
+  half of one; it is removed when the write fails or is interrupted (only a
+  SIGKILL or a crash can leave a `.NAME.tmp-*` behind).
+  """
+  _refuse_existing(path, overwrite)
+  directory, name = os.path.split(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  temporary = os.path.join(directory, f'.{name}.tmp-{uuid.uuid4().hex[:8]}')
+  try:
+    write(temporary)
+    # The data on disk before the name points at it: after a crash, a rename can outlive
+    # data still in the page cache and leave an empty file.
+    with open(temporary, 'rb') as written:
+      os.fsync(written.fileno())
+    os.replace(temporary, path)
+  except BaseException:  # KeyboardInterrupt too
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
+
+
+def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch: int, *,
+                  overwrite: bool = False) -> None:
+  """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys) or safetensors.
+
+  Atomically (see `_write_atomically`); an existing `path` is refused unless `overwrite`.
+  """
   if fmt == 'safetensors':
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(state_dict, path)
-    return
-  torch = _import_torch()
-  # semseg's test.py loads into nn.DataParallel(model), hence the `module.` prefix.
-  torch.save({'epoch': epoch, 'state_dict': {'module.' + key: torch.from_numpy(np.array(value))
-                                             for key, value in state_dict.items()}}, path)
+    write = functools.partial(save_file, state_dict)
+  else:
+    torch = _import_torch()
+    # semseg's test.py loads into nn.DataParallel(model), hence the `module.` prefix.
+    write = functools.partial(torch.save, {
+        'epoch': epoch,
+        'state_dict': {'module.' + key: torch.from_numpy(np.array(value))
+                       for key, value in state_dict.items()}})
+  _write_atomically(path, write, overwrite=overwrite)
 
 
 def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: bool
@@ -246,12 +388,20 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   return checkpoint.save_model(workdir, 0, variables, meta)
 
 
-def export_weights(config, workdir: str, path: str, fmt: str, step: int | None = None) -> int:
-  """Writes checkpoint `step` (default latest) of `workdir` to `path`; returns the step."""
+def export_weights(config, workdir: str, path: str, fmt: str, step: int | None = None, *,
+                   overwrite: bool = False) -> int:
+  """Writes checkpoint `step` (default latest) of `workdir` to `path`; returns the step.
+
+  An existing `path` is refused unless `overwrite`, and the file appears only complete.
+  """
+  # Before the restore, so that a refusal costs nothing; write_tensors checks again.
+  _refuse_existing(path, overwrite)
   loaded = checkpoint.load_model(config, workdir, step)
-  state_dict = to_torch_state_dict(checkpoint.model_variables(loaded.model), loaded.meta.get('num_batches_tracked'))
+  state_dict = to_torch_state_dict(checkpoint.model_variables(loaded.model),
+                                   loaded.meta.get('num_batches_tracked'))
   # Counted in steps here; an imported official checkpoint gives its epoch back.
-  write_tensors(state_dict, path, fmt, epoch=loaded.meta.get('epoch', loaded.step))
+  write_tensors(state_dict, path, fmt, epoch=loaded.meta.get('epoch', loaded.step),
+                overwrite=overwrite)
   return loaded.step
 
 
