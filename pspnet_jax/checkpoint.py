@@ -10,15 +10,37 @@ the data order afresh from its weights.
 Before restoring, the stored shapes are compared with the ones the config
 builds, so a checkpoint of another model fails with the parameter's name
 instead of an orbax stack trace.
+
+Every checkpoint's meta carries a digest of each saved array (`digests`,
+computed on the devices at save time), and every restore recomputes them: a
+flipped byte that orbax would read back without complaint, a truncated or
+missing file, a deleted manifest or garbage metadata all raise
+`DamagedCheckpoint`, naming the checkpoint, the item and the arrays. A
+training run then falls back to the newest intact checkpoint
+(`TrainCheckpointer.restore_newest_intact`), moving the damaged ones aside
+into `WORKDIR/damaged_checkpoints/`.
+
+A save that cannot write fails fast with one line naming the path and the OS
+error (`CheckpointWriteError`): the folder is probed before every save (orbax
+itself would wait five minutes for a step folder it could not create), and
+the background write's outcome is checked after every training step.
 """
 
+import datetime
 import os
-from typing import NamedTuple
+import re
+import shutil
+from typing import Callable, NamedTuple
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from pspnet_jax import sharding
@@ -26,6 +48,16 @@ from pspnet_jax.models import create_model, dropout_streams
 
 # Key of the eval metric that decides which checkpoint is the best one.
 BEST_METRIC = 'eval/mIoU'
+# Where damaged checkpoints are moved, so that a run can save those steps again.
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint's files cannot be read back as they were written."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the previous one is still the latest."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -38,13 +70,87 @@ def model_variables(model: nnx.Module) -> nnx.State:
 
 
 def dotted_name(path) -> str:
-  """A pytree key path of nested dicts -> 'layer1.0.conv1.kernel'."""
-  return '.'.join(str(entry.key) for entry in path)
+  """A pytree key path -> 'layer1.0.conv1.kernel' (dict keys, sequence indices, attributes)."""
+  def part(entry):
+    for attribute in ('key', 'idx', 'name'):
+      if hasattr(entry, attribute):
+        return str(getattr(entry, attribute))
+    return str(entry)
+  return '.'.join(part(entry) for entry in path)
 
 
 def flatten(tree) -> dict:
   """Nested dict -> {'layer1.0.conv1.kernel': leaf}."""
   return {dotted_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# Knuth's multiplicative constant: position weights that make a swap of two values change
+# the digest, where a plain sum would not.
+_POSITION_MIX = 2654435761
+
+
+def _array_digest(x: jax.Array) -> jax.Array:
+  """Two uint32 sums of the array's bits: plain and position-weighted, both modulo 2**32.
+
+  A change of any one value changes the plain sum (a flipped bit adds or
+  subtracts a power of two, never a multiple of 2**32); the weighted sum
+  catches values moved around. Integer sums are exact in any order, so the
+  digest is the same on every device count and sharding.
+  """
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{x.dtype.itemsize * 8}'))
+    bits = bits.astype(jnp.uint32)
+  bits = bits.ravel()
+  positions = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(_POSITION_MIX) + 1
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32),
+                    jnp.sum(bits * positions, dtype=jnp.uint32)])
+
+
+_tree_digests = jax.jit(lambda tree: jax.tree.map(_array_digest, tree))
+
+
+def digests(tree) -> dict[str, str]:
+  """{array name: 16 hex digits} of a tree of arrays, computed where the arrays live."""
+  sums = jax.device_get(_tree_digests(tree))
+  return {name: f'{int(pair[0]):08x}{int(pair[1]):08x}' for name, pair in flatten(sums).items()}
+
+
+def _verify(tree, saved: dict[str, str], where: str, item: str) -> None:
+  """Raises DamagedCheckpoint naming the arrays of `item` whose digest is not the saved one."""
+  now = digests(tree)
+  changed = sorted(name for name in saved if now.get(name) != saved[name])
+  if changed:
+    listed = ', '.join(changed[:5]) + (f' and {len(changed) - 5} more' if len(changed) > 5 else '')
+    raise DamagedCheckpoint(f'{where} is damaged: the {item} item reads back different from what '
+                            f'was saved ({listed})')
+
+
+def _read(where: str, item: str, read: Callable):
+  """read(), with any failure to read the files of `item` reported as DamagedCheckpoint."""
+  try:
+    return read()
+  except DamagedCheckpoint:
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    # tensorstore, JSON, missing files, orbax's own checks: all mean the files are not
+    # what was written. Only the first line: tensorstore's messages run to pages.
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise DamagedCheckpoint(f'{where} is damaged: its {item} item cannot be read '
+                            f'({type(error).__name__}: {reason[:300]})') from error
+
+
+def _os_error_reason(error: Exception) -> str:
+  """The OS error inside an orbax / tensorstore failure ('File too large'), else its first line."""
+  for cause in (error, error.__cause__, error.__context__):
+    if isinstance(cause, OSError) and cause.strerror:
+      return f'{cause.strerror} [errno {cause.errno}]'
+  code = re.search(r"os_error_code='(\d+)'", str(error))
+  if code:
+    return f'{os.strerror(int(code.group(1)))} [errno {code.group(1)}]'
+  text = str(error).strip()
+  return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None
@@ -64,9 +170,11 @@ def all_steps(workdir: str) -> list[int]:
 
 def save_model(workdir: str, step: int, variables: nnx.State, meta: dict) -> str:
   """Writes `variables` (see `model_variables`) and `meta` as checkpoint `step`; returns its path."""
+  tree = variables.to_pure_dict()
+  meta = {**meta, 'digests': {'model': digests(tree)}}
   with _manager(workdir) as manager:
     manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(variables.to_pure_dict()), meta=ocp.args.JsonSave(meta)))
+        model=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
   return os.path.join(checkpoint_dir(workdir), str(step))
 
@@ -111,12 +219,16 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
                               f'there are {list(manager.all_steps())}')
     target = _abstract(abstract_variables.to_pure_dict())
     where = f'checkpoint {os.path.join(checkpoint_dir(workdir), str(step))}'
-    _check_shapes(manager.item_metadata(step)['model'], target, where)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    meta = _read(where, 'meta', lambda: manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+    stored = _read(where, 'model', lambda: manager.item_metadata(step)['model'])
+    _check_shapes(stored, target, where)
+    model = _read(where, 'model', lambda: manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target)))['model'])
+  _verify(model, meta.get('digests', {}).get('model', {}), where, 'model')
   variables = nnx.State(abstract_variables)
-  nnx.replace_by_pure_dict(variables, restored['model'])
-  return variables, step, restored['meta']
+  nnx.replace_by_pure_dict(variables, model)
+  return variables, step, meta
 
 
 def _best_metric(metrics: dict) -> float:
@@ -148,29 +260,50 @@ def load_model(config, workdir: str, step: int | None = None, *, mesh=None) -> L
   return LoadedModel(model, step, meta)
 
 
+class Restored(NamedTuple):
+  step: int
+  variables: nnx.State
+  opt_state: object     # None for a weights-only checkpoint (an import)
+  meta: dict
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process (one process may fail to read its own data item)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 class TrainCheckpointer:
-  """Checkpoints of a training run: asynchronous saves, the latest and the best kept.
+  """Checkpoints of a training run: asynchronous saves, the latest two and the best kept.
 
   Orbax writes in the background after copying the arrays off the devices, so
   training goes on while the files are written; every save is atomic (a
-  half-written step is never listed). Kept: the latest checkpoint and the one
-  with the highest `eval/mIoU` (a policy of both; `max_to_keep` with a
-  `best_fn` alone would delete the latest). The metric of an evaluated
-  checkpoint is written beside it (`<step>/metrics/metrics`, JSON), so the
-  best one is still known, and kept, after any number of restarts.
+  half-written step is never listed, and its temporary folder is removed at
+  the next start). Kept: the two latest checkpoints, so that one damaged file
+  still leaves an intact one to resume from, and the one with the highest
+  `eval/mIoU` (a policy of both; `max_to_keep` with a `best_fn` alone would
+  delete the latest). The metric of an evaluated checkpoint is written beside
+  it (`<step>/metrics/metrics`, JSON), so the best one is still known, and
+  kept, after any number of restarts.
   """
 
   def __init__(self, workdir: str):
     policy = preservation_policy.AnyPreservationPolicy([
-        preservation_policy.LatestN(n=1),
+        preservation_policy.LatestN(n=2),
         preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False)])
     self.workdir = workdir
+    self.directory = checkpoint_dir(workdir)
+    self._last_save = None      # the step whose background write was started last
+    self._failed = False        # a write error was raised already (not raised twice)
+    self._probe_writable(step=None)
     # best_fn is what makes orbax write the metrics to disk and read them back when a
     # manager starts; with the policy alone they lived in memory, and after a restart
     # the old best had no score and the next save deleted it.
     self._manager = _manager(workdir, ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=_best_metric, enable_async_checkpointing=True))
+        preservation_policy=policy, best_fn=_best_metric, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True))
 
   def best_step(self) -> int | None:
     """The kept checkpoint with the highest BEST_METRIC; None when none was evaluated."""
@@ -187,17 +320,59 @@ class TrainCheckpointer:
     """True when the platform announced a preemption (all processes agree on `step`)."""
     return self._manager.reached_preemption(step)
 
+  def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+    self._failed = True
+    # Listed from the folder: orbax's own list already holds the step being written.
+    on_disk = [int(path.name) for path in epath.Path(self.directory).iterdir()
+               if path.name.isdigit() and int(path.name) != step]
+    kept = (f'the latest checkpoint is still step {max(on_disk)}' if on_disk else
+            'no checkpoint was written')
+    what = 'checkpoints cannot' if step is None else f'checkpoint {step} could not'
+    return CheckpointWriteError(f'{what} be written to {self.directory}: '
+                                f'{_os_error_reason(error)}; {kept}')
+
+  def _probe_writable(self, step: int | None) -> None:
+    """Writes and removes a small file: orbax itself hangs for minutes on an unwritable folder."""
+    directory = epath.Path(self.directory)
+    probe = directory / f'.write-probe-{jax.process_index()}'
+    try:
+      directory.mkdir(parents=True, exist_ok=True)
+      probe.write_text('probe')
+      probe.unlink()
+    except OSError as error:
+      if step is None:
+        self._failed = True
+        raise CheckpointWriteError(f'checkpoints cannot be written to {self.directory}: '
+                                   f'{_os_error_reason(error)}') from error
+      raise self._write_error(step, error) from error
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointWriteError when the last background write failed (cheap; call often)."""
+    # A background write that failed ends its thread with the error, which only a wait
+    # raises (orbax's own check_for_errors is consumed by its finalize thread); waiting
+    # on a finished write returns at once.
+    if self._last_save is not None and not self._manager.is_saving_in_progress():
+      self.wait_until_finished()
+
   def save(self, step: int, variables: nnx.State, opt_state, data_iterator, meta: dict,
            metrics: dict | None = None) -> None:
     """Starts writing checkpoint `step`; `metrics` (with BEST_METRIC) marks eval checkpoints."""
-    self._manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(variables.to_pure_dict()),
-        opt=ocp.args.StandardSave(opt_state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    self.check_for_errors()
+    self._probe_writable(step)
+    model_tree = variables.to_pure_dict()
+    meta = {**meta, 'digests': {'model': digests(model_tree), 'opt': digests(opt_state)}}
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model_tree),
+          opt=ocp.args.StandardSave(opt_state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(step, error) from error
+    self._last_save = step
 
   def restore(self, step: int, variables: nnx.State, opt_state, data_iterator,
-              data_layout: dict):
+              data_layout: dict, check_meta: Callable[[int, dict], None] | None = None):
     """Restores checkpoint `step` into the shapes and shardings of `variables` and `opt_state`.
 
     Returns (variables, opt_state or None, meta); `data_iterator` is advanced in
@@ -205,41 +380,111 @@ class TrainCheckpointer:
     for the optimizer and leaves the iterator at the start. `data_layout`
     (process count, Grain workers) must equal the one saved in meta: Grain
     keeps one iterator state per process and refuses another worker count.
+    `check_meta(step, meta)` of a training checkpoint runs before any array is
+    read (the resume's config comparison). Raises DamagedCheckpoint for files
+    that do not read back as written, ValueError for a checkpoint of another
+    model or layout.
     """
-    step_dir = os.path.join(checkpoint_dir(self.workdir), str(step))
-    where = f'checkpoint {step_dir}'
+    where = f'checkpoint {os.path.join(self.directory, str(step))}'
+    manager = self._manager
+
+    def restore_item(name, args):
+      return _read(where, name, lambda: manager.restore(
+          step, args=ocp.args.Composite(**{name: args}))[name])
+
+    meta = restore_item('meta', ocp.args.JsonRestore())
+    if not isinstance(meta, dict):
+      raise DamagedCheckpoint(f'{where} is damaged: its meta item is not a JSON object')
     # Training writes data_layout into every checkpoint's meta; an import (convert) never
     # does. A training checkpoint without all of its items is damaged: taking it for an
     # import would rerun the schedule from step 0 on trained weights.
-    meta = self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
     complete = 'data_layout' in meta
     if complete:
       missing = [item for item in ('model', 'opt', 'data')
-                 if not os.path.isdir(os.path.join(step_dir, item))]
+                 if not os.path.isdir(os.path.join(self.directory, str(step), item))]
       if missing:
-        raise ValueError(f'{where} is damaged: this training checkpoint has no '
-                         f'{" or ".join(missing)} item. Move it out of '
-                         f'{checkpoint_dir(self.workdir)} to resume from the checkpoint before it.')
-    stored = self._manager.item_metadata(step)
-    target = _abstract(variables.to_pure_dict())
-    _check_shapes(stored['model'], target, where)
-    items = {'model': ocp.args.StandardRestore(target)}
-    if complete:
+        raise DamagedCheckpoint(f'{where} is damaged: this training checkpoint has no '
+                                f'{" or ".join(missing)} item')
       if meta['data_layout'] != data_layout:
         raise ValueError(
             f'{where} was written with {meta["data_layout"]}, this run has {data_layout}: the '
             f'data order can only continue with the same number of processes and '
             f'config.data.worker_count')
-      items['opt'] = ocp.args.StandardRestore(_abstract(opt_state))
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      if check_meta is not None:
+        check_meta(step, meta)
+    saved_digests = meta.get('digests', {})
+    target = _abstract(variables.to_pure_dict())
+    _check_shapes(_read(where, 'model', lambda: manager.item_metadata(step)['model']), target,
+                  where)
+    model = restore_item('model', ocp.args.StandardRestore(target))
+    _verify(model, saved_digests.get('model', {}), where, 'model')
+    opt = None
+    if complete:
+      opt = restore_item('opt', ocp.args.StandardRestore(_abstract(opt_state)))
+      _verify(opt, saved_digests.get('opt', {}), where, 'opt')
+      restore_item('data', grain.checkpoint.CheckpointRestore(data_iterator))
     variables = nnx.State(variables)
-    nnx.replace_by_pure_dict(variables, restored['model'])
-    return variables, restored['opt'] if complete else None, meta
+    nnx.replace_by_pure_dict(variables, model)
+    return variables, opt, meta
+
+  def restore_newest_intact(self, variables: nnx.State, opt_state, data_iterator,
+                            data_layout: dict, check_meta: Callable[[int, dict], None] | None = None
+                            ) -> Restored | None:
+    """`restore` of the newest checkpoint that reads back intact; None when there is none.
+
+    Damaged newer checkpoints are reported (which one, which item), then moved
+    to WORKDIR/damaged_checkpoints/ so that the run can write those steps
+    again. When every checkpoint is damaged nothing is moved and the run stops:
+    starting afresh would throw the run away.
+    """
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      reason = None
+      try:
+        result = self.restore(step, variables, opt_state, data_iterator, data_layout, check_meta)
+      except DamagedCheckpoint as error:
+        reason = str(error)
+      if _all_processes_agree(reason is None):
+        if damaged:
+          self._set_aside(damaged)
+          logging.error('resuming from checkpoint %d, the newest intact one', step)
+        return Restored(step, *result)
+      logging.error('%s; trying the checkpoint before it', reason or
+                    f'another process could not read checkpoint {step}')
+      damaged.append(step)
+    if damaged:
+      raise DamagedCheckpoint(
+          f'every checkpoint in {self.directory} is damaged (steps {sorted(damaged)}, reasons '
+          f'above). Move them out of it to start the run afresh.')
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged checkpoints out of the checkpoint folder (process 0), loudly."""
+    if jax.process_index() == 0:
+      aside = os.path.join(self.workdir, DAMAGED_DIR)
+      os.makedirs(aside, exist_ok=True)
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+      for step in steps:
+        destination = os.path.join(aside, f'{step}-{stamp}')
+        shutil.move(os.path.join(self.directory, str(step)), destination)
+        logging.error('moved damaged checkpoint %d to %s', step, destination)
+    multihost_utils.sync_global_devices('pspnet_jax: damaged checkpoints set aside')
+    self._manager.reload()
 
   def wait_until_finished(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the last save is on disk; raises CheckpointWriteError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(self._last_save, error) from error
 
   def close(self) -> None:
-    self._manager.close()
+    """Finishes the last save and closes; a write error already raised is not raised again."""
+    reported = self._failed
+    try:
+      self.wait_until_finished()
+    except CheckpointWriteError:
+      if not reported:
+        raise
+    finally:
+      self._manager.close()

@@ -1,4 +1,7 @@
-"""Config checks every command runs at start, so a bad value fails by name before any work."""
+"""Config checks: every command validates at start, so a bad value fails by name before any
+work; a resumed run compares its config with the one it was started with (`resume_changes`)."""
+
+import json
 
 from pspnet_jax.data.transforms import RECIPES
 from pspnet_jax.models import DTYPES
@@ -47,3 +50,50 @@ def validate(config) -> None:
            'must be positive when train.num_steps is 0')
   _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size,
            'must be a positive integer')
+
+
+# Keys a resumed run may change freely: how often it logs, saves and evaluates, where the
+# prepared data lives, how the loader is parallelized (the data order is checked by its own
+# layout check), how evaluation runs, and the pretrained file and its format (read only by
+# a fresh run).
+# Every other key changes what the run computes.
+RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_every',
+                    'train.max_nonfinite_steps', 'data.data_dir', 'data.worker_count',
+                    'data.prefetch', 'data.eval_split', 'eval.', 'model.pretrained')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def resume_changes(saved: dict, config, allowed=()) -> list[str]:
+  """The config's changes from `saved` (a checkpoint's config, as JSON) as 'key: old -> new'.
+
+  Keys of RESUME_FREE_KEYS are not compared. Raises ValueError naming every
+  other changed key that `allowed` does not name, with the flag that allows
+  them; returns the allowed changes, for the log.
+  """
+  current = _flat(json.loads(config.to_json()))
+  unknown = sorted(set(allowed) - current.keys())
+  if unknown:
+    raise ValueError(f'--allow_config_change names keys the config does not have: {unknown}')
+  saved = _flat(saved)
+  absent = '<absent>'
+  changed = sorted(key for key in saved.keys() | current.keys()
+                   if saved.get(key, absent) != current.get(key, absent)
+                   and not key.startswith(RESUME_FREE_KEYS))
+  refused = [key for key in changed if key not in allowed]
+  describe = lambda key: f'{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}'
+  if refused:
+    raise ValueError(
+        'the config differs from the one the run was started with in keys that change what it '
+        f'computes: {"; ".join(describe(key) for key in refused)}. Resume with the original '
+        'values, start a new --workdir, or, if the change is intended (a longer schedule), '
+        f'pass --allow_config_change={",".join(refused)}')
+  return [describe(key) for key in changed]

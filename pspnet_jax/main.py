@@ -10,9 +10,12 @@ On several hosts every process runs the same command; with
 """
 
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pspnet_jax import stop_request
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, logs.')
@@ -23,12 +26,18 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a hand-started multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    'allow_config_change', [], 'Config keys a resumed run may change from the ones it was '
+    'started with (e.g. train.num_steps for a longer schedule); the changes are logged. '
+    'Without it a resume refuses changes that alter the computation, naming them.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 # Orbax warns on every save without metrics once it tracks the best checkpoint; our
-# periodic (non-evaluation) checkpoints have none by design.
-_EXPECTED_ORBAX_WARNINGS = ('did not provide metrics',)
+# periodic (non-evaluation) checkpoints have none by design. A failed background write
+# is logged by orbax in several long tracebacks; training reports it in one line.
+_EXPECTED_ORBAX_WARNINGS = ('did not provide metrics', 'raised an exception',
+                            'Failed to run', 'Save Finalize thread', 'Checkpointer failed')
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -44,17 +53,28 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  # First, so that a signal while JAX starts or the step compiles still ends cleanly.
+  stop = stop_request.StopRequest()
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   import jax  # pylint: disable=import-outside-toplevel
-  from pspnet_jax import train  # pylint: disable=import-outside-toplevel
+  from pspnet_jax import checkpoint, run_lock, train  # pylint: disable=import-outside-toplevel
 
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
+  if jax.process_count() > 1:
+    stop.hand_over_to_jax()
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             allowed_config_changes=_ALLOW_CONFIG_CHANGE.value, stop=stop)
+  except (checkpoint.CheckpointWriteError, checkpoint.DamagedCheckpoint,
+          run_lock.WorkdirInUse) as error:
+    # Faults of the run directory: the message says what and where; nothing was lost.
+    logging.error('%s', error)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

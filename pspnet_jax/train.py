@@ -17,10 +17,10 @@ rate schedule does not advance) and counted; `train.max_nonfinite_steps`
 consecutive skips stop the run, leaving the last checkpoint as it was.
 """
 
+import datetime
 import functools
 import json
 import os
-import signal
 import time
 
 import jax
@@ -34,7 +34,11 @@ from flax import nnx
 from pspnet_jax import (checkpoint, configuration, evaluate, losses, optim, run_lock, sharding,
                         train_state, writers)
 from pspnet_jax.data import pipeline, registry
+from pspnet_jax.stop_request import StopRequest
 from pspnet_jax.train_state import TrainState
+
+# One file per start of a run: the configs a workdir was trained with, in order.
+CONFIG_HISTORY_DIR = 'config_history'
 
 
 def num_train_steps(config, num_examples: int) -> int:
@@ -119,30 +123,6 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
                  donate_argnums=0)
 
 
-class _StopRequest:
-  """SIGTERM sets a flag that the loop reads between steps (single-process runs).
-
-  With several processes, jax.distributed's preemption sync manager owns
-  SIGTERM and orbax's `reached_preemption` makes every process stop at the
-  same step, so no handler is installed there.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning('signal %d: saving a checkpoint after this step, then exiting', signum)
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
   """The summary logged before step 1: devices, parameters, compiled memory and FLOPs."""
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -162,20 +142,47 @@ def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
     logging.info('train step: %.3g FLOPs per device per step', cost['flops'])
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, allowed_config_changes=(),
+                       stop: StopRequest | None = None) -> dict:
   """Trains (resuming from WORKDIR/checkpoints when there are any) and evaluates.
 
   Returns the last evaluation's metrics, or {} when the run was stopped by a
   signal or preemption before its end. Refuses a workdir that another live run
-  holds (`run_lock`).
+  holds (`run_lock`), and a resume whose config changes what the run computes,
+  except in the keys of `allowed_config_changes`
+  (`configuration.resume_changes`). `stop`: the command's StopRequest,
+  installed before JAX started; by default one is installed for this call.
   """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  with run_lock.hold(workdir, is_lead_process=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir)
+  own_stop = stop is None
+  if own_stop:
+    stop = StopRequest()
+    if jax.process_count() > 1:
+      stop.hand_over_to_jax()
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with run_lock.hold(workdir, is_lead_process=jax.process_index() == 0):
+      return _train_and_evaluate(config, workdir, stop, allowed_config_changes)
+  finally:
+    if own_stop:
+      stop.restore()
 
 
-def _train_and_evaluate(config, workdir: str) -> dict:
+def _record_config(config, workdir: str, step: int) -> None:
+  """config.json is this start's config; config_history/ keeps every start's (process 0)."""
+  if jax.process_index() != 0:
+    return
+  history = os.path.join(workdir, CONFIG_HISTORY_DIR)
+  os.makedirs(history, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
+  text = config.to_json(indent=2)
+  for path in (os.path.join(history, f'{stamp}-step{step}.json'),
+               os.path.join(workdir, 'config.json')):
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(text)
+
+
+def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_changes) -> dict:
   mesh = sharding.make_mesh()
   local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
@@ -188,28 +195,36 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   names = registry.class_names(config)
   checkpointer = checkpoint.TrainCheckpointer(workdir)
   nonfinite_total = 0
-  latest = checkpointer.latest_step()
-  if latest is None:
+
+  def check_config(step, meta):
+    where = f'checkpoint {step} in {checkpoint.checkpoint_dir(workdir)}'
+    try:
+      changes = configuration.resume_changes(meta['config'], config, allowed_config_changes)
+    except ValueError as error:
+      raise ValueError(f'{where}: {error}') from None
+    if changes:
+      logging.warning('resuming %s with config changes: %s', where, '; '.join(changes))
+    if meta.get('num_steps') != num_steps:
+      logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
+                      'learning-rate schedule changes', step, meta.get('num_steps'), num_steps)
+
+  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer, data_iterator,
+                                            data_layout, check_config)
+  if resumed is None:
     state = train_state.init_train_state(config, tx, mesh)
   else:
-    state, saved_meta, has_optimizer = train_state.restore_train_state(
-        config, tx, mesh, checkpointer, latest, data_iterator, data_layout)
-    if has_optimizer:
-      nonfinite_total = saved_meta.get('nonfinite_steps', 0)
-      if saved_meta.get('num_steps') != num_steps:
-        logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
-                        'learning-rate schedule changes', latest, saved_meta.get('num_steps'),
-                        num_steps)
-    logging.info('resumed from checkpoint %d (%s)', latest,
-                 'weights, optimizer and data order' if has_optimizer else 'weights only')
+    state = resumed.state
+    if resumed.has_optimizer:
+      nonfinite_total = resumed.meta.get('nonfinite_steps', 0)
+    logging.info('resumed from checkpoint %d (%s)', resumed.step,
+                 'weights, optimizer and data order' if resumed.has_optimizer else 'weights only')
     best = checkpointer.best_step()
     if best is not None:
       logging.info('best checkpoint so far: step %d (%s %.4f)', best, checkpoint.BEST_METRIC,
                    checkpointer.metrics(best)[checkpoint.BEST_METRIC])
 
+  _record_config(config, workdir, int(state.step))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json(indent=2))
     writers.drop_rows_after(workdir, int(state.step))
 
   step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
@@ -229,7 +244,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
                                                     every_steps=config.train.log_every)
-  stop = _StopRequest()
   step = int(state.step)
   window = []          # host metrics of the steps since the last log
   consecutive_nonfinite = 0
@@ -268,11 +282,18 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     window.append(values)
 
   try:
+    # A signal during the start (data, restore, compilation): the state is still the one
+    # on disk (or a fresh one, which a restart rebuilds identically), so nothing to save.
+    if step < num_steps and (stop.requested or checkpointer.reached_preemption(step)):
+      logging.info('stopped on request before the first step of this start (step %d); nothing '
+                   'new to save, restart the same command to continue', step)
+      return {}
     pending = None   # the previous step's metrics, read while the next step runs
     while step < num_steps:
       batch = sharding.to_global(next(data_iterator), mesh)
       state, step_metrics = compiled_step(state, batch)
       step += 1
+      checkpointer.check_for_errors()
       if pending is not None:
         account(*pending)
       pending = (step, step_metrics)
@@ -312,8 +333,6 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         results = evaluate.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
         writers.write_eval(writer, step, results, names, table=True)
   finally:
-    stop.restore()
-    checkpointer.wait_until_finished()
     checkpointer.close()
     writer.close()
   return results if step == num_steps else {}

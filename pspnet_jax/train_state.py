@@ -9,6 +9,7 @@ No process builds an unsharded copy first, and a resumed run never reads
 
 import functools
 import os
+from typing import NamedTuple
 
 import flax
 import jax
@@ -101,22 +102,32 @@ def init_train_state(config, tx: optax.GradientTransformation, mesh) -> TrainSta
   return _placed_new_state(params, batch_stats, rngs, tx, mesh)
 
 
-def restore_train_state(config, tx: optax.GradientTransformation, mesh,
-                        checkpointer: checkpoint.TrainCheckpointer, step: int, data_iterator,
-                        data_layout: dict) -> tuple[TrainState, dict, bool]:
-  """The train state of checkpoint `step`, restored into its shardings on `mesh`.
+class Resumed(NamedTuple):
+  state: TrainState
+  step: int             # the checkpoint it came from
+  meta: dict            # that checkpoint's meta item
+  has_optimizer: bool   # False for a weights-only checkpoint (an import): step 0, fresh optimizer
 
-  Returns (state, the checkpoint's meta, whether it held the optimizer). A
-  weights-only checkpoint (an import) starts the optimizer and the step count
-  afresh; `data_iterator` is advanced in place to where the run stopped.
+
+def restore_train_state(config, tx: optax.GradientTransformation, mesh,
+                        checkpointer: checkpoint.TrainCheckpointer, data_iterator,
+                        data_layout: dict, check_meta=None) -> Resumed | None:
+  """The train state of the newest intact checkpoint, restored into its shardings on `mesh`.
+
+  None when the workdir has no checkpoint. A weights-only checkpoint (an
+  import) starts the optimizer and the step count afresh; `data_iterator` is
+  advanced in place to where the run stopped. `check_meta(step, meta)` sees a
+  training checkpoint's meta before any array is read.
   """
   abstract = abstract_train_state(config, tx, mesh)
-  variables, opt_item, meta = checkpointer.restore(step, *checkpoint_items(abstract),
-                                                   data_iterator, data_layout)
-  params, batch_stats = nnx.split_state(variables, nnx.Param, nnx.BatchStat)
+  restored = checkpointer.restore_newest_intact(*checkpoint_items(abstract), data_iterator,
+                                                data_layout, check_meta)
+  if restored is None:
+    return None
+  params, batch_stats = nnx.split_state(restored.variables, nnx.Param, nnx.BatchStat)
   rngs = jax.jit(lambda: dropout_streams(config), out_shardings=sharding.replicated(mesh))()
-  if opt_item is None:
+  if restored.opt_state is None:
     state = _placed_new_state(params, batch_stats, rngs, tx, mesh)
   else:
-    state = TrainState(params=params, batch_stats=batch_stats, rngs=rngs, **opt_item)
-  return state, meta, opt_item is not None
+    state = TrainState(params=params, batch_stats=batch_stats, rngs=rngs, **restored.opt_state)
+  return Resumed(state, restored.step, restored.meta, restored.opt_state is not None)

@@ -1,4 +1,4 @@
-"""The training checkpointer keeps the latest and the best-by-mIoU checkpoint, nothing else,
+"""The training checkpointer keeps the two latest and the best-by-mIoU checkpoint, nothing else,
 across restarts, and refuses a damaged training checkpoint by name."""
 
 import shutil
@@ -42,7 +42,7 @@ def test_latest_and_best_are_kept(tmp_path):
     checkpointer.save(step, variables, {'count': jnp.array(step)}, iterator,
                       {'step': step, 'data_layout': layout}, metrics=metrics)
     checkpointer.wait_until_finished()
-  assert checkpoint.all_steps(str(tmp_path)) == [2, 7]
+  assert checkpoint.all_steps(str(tmp_path)) == [2, 6, 7]
 
   restored_iterator = CountingIterator()
   restored, opt_item, meta = checkpointer.restore(2, variables, {'count': jnp.array(0)},
@@ -76,7 +76,7 @@ def test_the_best_and_its_metric_survive_restarts(tmp_path):
       step += 1
       _save(checkpointer, step, step)
     checkpointer.close()
-    assert checkpoint.all_steps(str(tmp_path)) == [2, step], restart
+    assert checkpoint.all_steps(str(tmp_path)) == [2, step - 1, step], restart
   checkpointer = checkpoint.TrainCheckpointer(str(tmp_path))
   assert checkpointer.metrics(2) == {checkpoint.BEST_METRIC: 0.5}
   # A better evaluation takes over, and the old best goes.

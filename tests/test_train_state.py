@@ -77,10 +77,11 @@ def test_pretrained_backbone_is_read_by_a_fresh_run_only(tmp_path, monkeypatch):
   # A resumed run must not need the file: gone, and any read of weights fails loudly.
   (tmp_path / 'resnet18_imagenet.safetensors').unlink()
   monkeypatch.setattr(weights, 'read_tensors', lambda *args: pytest.fail('read a weights file'))
-  restored, meta, has_optimizer = train_state.restore_train_state(
-      config, tx, mesh, checkpointer, 3, CountingIterator(), LAYOUT)
+  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer, CountingIterator(),
+                                            LAYOUT)
   checkpointer.close()
-  assert has_optimizer and meta['step'] == 3
+  restored = resumed.state
+  assert resumed.has_optimizer and resumed.step == 3 and resumed.meta['step'] == 3
   assert_replicated(restored, mesh)
   assert_trees_equal(pure(nnx.merge_state(restored.params, restored.batch_stats)), pure(variables))
 
@@ -107,7 +108,7 @@ def test_load_model_gives_a_step_in_eval_mode_or_names_the_steps_there_are(tmp_p
 
   mesh = sharding.make_mesh()
   loaded = checkpoint.load_model(config, workdir, mesh=mesh)
-  assert loaded.step == 2 and loaded.meta == {'source': 'test'}
+  assert loaded.step == 2 and loaded.meta['source'] == 'test'
   assert_trees_equal(pure(checkpoint.model_variables(loaded.model)), saved[2])
   assert_replicated(checkpoint.model_variables(loaded.model), mesh)
   assert loaded.model.cls.dropout.deterministic and loaded.model.layer0.bn1.use_running_average
