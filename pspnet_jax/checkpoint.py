@@ -195,10 +195,16 @@ def _check_shapes(stored_metadata, expected: dict, where: str) -> None:
 
 
 def _abstract(tree):
-  """The restore target of a tree of arrays: shapes, dtypes and shardings, no data."""
+  """The restore target of a tree of arrays: shapes, dtypes and shardings, no data.
+
+  A leaf without a sharding goes to the first local device: orbax would
+  otherwise use the saved shardings, which name the devices of the run that
+  saved (another process count fails with a topology mismatch).
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-      tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, 'sharding', None) or default), tree)
 
 
 def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None = None):

@@ -1,10 +1,13 @@
 """Whole runs of `python -m pspnet_jax.main`: SIGTERM and restart = uninterrupted, bit for bit.
 
-Also, in process: consecutive non-finite steps stop the run with the last
-checkpoint intact, and a checkpoint of another model is refused by name.
+Also: consecutive non-finite steps stop the run with the last checkpoint
+intact; a resume with a config that changes the computation is refused by key
+unless allowed (then logged, and config_history/ keeps every start's config).
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -155,8 +158,37 @@ def test_consecutive_nonfinite_steps_stop_with_the_checkpoint_intact(tmp_path, m
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
-def test_checkpoint_of_another_model_is_refused_by_name(runs, tmp_path):
+def test_a_resume_with_a_changed_config_is_refused_by_key(runs, tmp_path):
   straight, _, _ = runs
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(straight, workdir)
+  config = small_config(str(tmp_path / 'tfds'), **{'model.output_stride': 8,
+                                                   'train.batch_size': 16})
+  with pytest.raises(ValueError, match=r'model\.output_stride: 16 -> 8; train\.batch_size: 8 -> 16'
+                                       r'.*--allow_config_change=model\.output_stride,'
+                                       r'train\.batch_size'):
+    train.train_and_evaluate(config, workdir)
+  # Allowed, a change of architecture still cannot load the weights: refused by parameter.
   config = small_config(str(tmp_path / 'tfds'), **{'model.use_ppm': False})
   with pytest.raises(ValueError, match='does not match the model of the config'):
-    train.train_and_evaluate(config, straight)
+    train.train_and_evaluate(config, workdir, allowed_config_changes=['model.use_ppm'])
+
+
+def test_an_allowed_longer_schedule_continues_and_keeps_the_config_history(runs, tmp_path):
+  straight, _, _ = runs
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(straight, workdir)
+  longer = NUM_STEPS + 2
+  result = subprocess.run(command(workdir, str(tmp_path / 'tfds')) + [
+      f'--config.train.num_steps={longer}', '--allow_config_change=train.num_steps'],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'with config changes: train.num_steps: {NUM_STEPS} -> {longer}' in result.stderr
+  assert [row['step'] for row in read_rows(workdir) if 'train/loss' in row] == list(
+      range(1, longer + 1))
+  history = sorted(os.listdir(os.path.join(workdir, train.CONFIG_HISTORY_DIR)))
+  assert [name.split('-')[-1] for name in history] == ['step0.json', f'step{NUM_STEPS}.json']
+  with open(os.path.join(workdir, train.CONFIG_HISTORY_DIR, history[0]), encoding='utf-8') as f:
+    assert json.load(f)['train']['num_steps'] == NUM_STEPS
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['train']['num_steps'] == longer
