@@ -11,6 +11,8 @@ import ml_collections
 from pspnet_jax.data import labels, registry
 
 BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
+# semseg's multi-scale evaluation (config/*/*.yaml: scales).
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -151,18 +153,25 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.train.max_nonfinite_steps = 10
 
   config.eval = ml_collections.ConfigDict()
-  # Protocol of the evaluation command (pspnet_jax.evaluate, a later issue): whole = the
-  # image resized so its long side is data.crop_size, padded to the crop, one forward pass;
-  # slide = the semseg protocol below. The periodic evaluation during training always
-  # uses whole: simple, fast and the same shape for every batch.
-  config.eval.protocol = 'whole'
-  # slide: the long side is resized to scale * base_size, windows of crop_size.
+  # Protocol of `python -m pspnet_jax.evaluate` and `pspnet_jax.predict` (pspnet_jax/inference.py),
+  # judged at each image's original size: slide = semseg's tool/test.py: per scale, the long
+  # side resized to scale * base_size, padded to at least crop_size with the mean colour,
+  # crop_size windows with stride ceil(crop_size * 2/3), softmax averaged with the mirror's
+  # (flip), over windows and over scales; whole = one window: the long side resized to
+  # crop_size. The periodic evaluation during training is always a quicker whole check at
+  # the network's resolution.
+  config.eval.protocol = 'slide'
   config.eval.base_size = recipe.eval_base_size
   config.eval.crop_size = recipe.crop_size
+  # Single scale (the default) or MULTI_SCALES (the config variant eval=ms).
   config.eval.scales = (1.0,)
   config.eval.flip = True
-  # Global evaluation batch size (padded with ignored images at the end of the split).
+  # Windows per evaluation step over all devices (the periodic evaluation: images per step;
+  # padded at the end of the split).
   config.eval.batch_size = 16
+  # True: training ends with this protocol on data.eval_split (after the periodic check of
+  # the last step); rows eval_<protocol>/... in metrics.jsonl, results in WORKDIR/eval/.
+  config.eval.at_end_of_training = False
   return config
 
 
@@ -180,7 +189,9 @@ def parse_variant(arg: str | None) -> dict:
 
 
 def for_dataset(name: str, arg: str | None) -> ml_collections.ConfigDict:
-  """semseg's recipe for dataset `name` (registry), with the `backbone=<depth>` variant from `arg`.
+  """semseg's recipe for dataset `name` (registry), with the variants of `arg`:
+  `backbone=<depth>` and `eval=ms` (semseg's multi-scale evaluation; `eval=ss`, single
+  scale, is the default), e.g. --config=configs/ade20k.py:backbone=101,eval=ms.
 
   The recipe's mmseg_base_scale is used only with data.augment.recipe='mmseg'
   (whose crops are 512, or 512x1024 and 769 on Cityscapes: set data.crop_size
@@ -192,10 +203,15 @@ def for_dataset(name: str, arg: str | None) -> ml_collections.ConfigDict:
   config = _schema(dataset)
   variant = parse_variant(arg)
   depth = variant.pop('backbone', None)
+  scales = variant.pop('eval', 'ss')
   if variant:
-    raise ValueError(f'unknown config variant keys {sorted(variant)}; known: backbone')
+    raise ValueError(f'unknown config variant keys {sorted(variant)}; known: backbone, eval')
   if depth is not None:
     if not depth.isdigit() or int(depth) not in BACKBONE_DEPTHS:
       raise ValueError(f'backbone={depth}: choose one of {BACKBONE_DEPTHS}')
     config.model.backbone = f'resnet{depth}'
+  if scales not in ('ss', 'ms'):
+    raise ValueError(f'eval={scales}: choose ss (single scale) or ms (multi-scale)')
+  if scales == 'ms':
+    config.eval.scales = MULTI_SCALES
   return config

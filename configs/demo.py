@@ -42,5 +42,7 @@ def get_config():
   config.train.eval_every = 125
 
   config.eval.batch_size = 16
+  # The images are about the crop's size: one window each.
+  config.eval.protocol = 'whole'
   config.eval.crop_size = config.data.crop_size
   return config

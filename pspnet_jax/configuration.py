@@ -4,6 +4,7 @@ work; a resumed run compares its config with the one it was started with (`resum
 import json
 
 from pspnet_jax.data.transforms import RECIPES
+from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.resnet import BACKBONES
 from pspnet_jax.weights import PRETRAINED_FORMATS
@@ -48,8 +49,17 @@ def validate(config) -> None:
              'must be a positive integer')
   _require(train.num_steps > 0 or train.num_epochs > 0, 'train.num_epochs', train.num_epochs,
            'must be positive when train.num_steps is 0')
-  _require(config.eval.batch_size >= 1, 'eval.batch_size', config.eval.batch_size,
+  evaluation = config.eval
+  _require(evaluation.batch_size >= 1, 'eval.batch_size', evaluation.batch_size,
            'must be a positive integer')
+  _require(evaluation.protocol in PROTOCOLS, 'eval.protocol', evaluation.protocol,
+           f'must be one of {PROTOCOLS}')
+  _require(evaluation.crop_size >= 33, 'eval.crop_size', evaluation.crop_size,
+           'must be at least 33')
+  _require(evaluation.base_size >= 1, 'eval.base_size', evaluation.base_size,
+           'must be a positive integer')
+  _require(len(evaluation.scales) > 0 and all(s > 0 for s in evaluation.scales), 'eval.scales',
+           evaluation.scales, 'must be a non-empty tuple of positive numbers')
 
 
 # Keys a resumed run may change freely: how often it logs, saves and evaluates, where the

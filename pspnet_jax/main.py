@@ -9,7 +9,6 @@ On several hosts every process runs the same command; with
 `--distributed`) jax.distributed connects them first.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -33,36 +32,18 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-# Orbax warns on every save without metrics once it tracks the best checkpoint; our
-# periodic (non-evaluation) checkpoints have none by design. A failed background write
-# is logged by orbax in several long tracebacks; training reports it in one line.
-_EXPECTED_ORBAX_WARNINGS = ('did not provide metrics', 'raised an exception',
-                            'Failed to run', 'Save Finalize thread', 'Checkpointer failed')
-
-
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO lines (dozens per checkpoint); its other warnings and errors show."""
-  if '/orbax/' not in record.pathname:
-    return True
-  if record.levelno < std_logging.WARNING:
-    return False
-  return not any(text in record.getMessage() for text in _EXPECTED_ORBAX_WARNINGS)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
   # First, so that a signal while JAX starts or the step compiles still ends cleanly.
   stop = stop_request.StopRequest()
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   import jax  # pylint: disable=import-outside-toplevel
-  from pspnet_jax import checkpoint, run_lock, train  # pylint: disable=import-outside-toplevel
+  from pspnet_jax import checkpoint, run_lock, sharding, train  # pylint: disable=import-outside-toplevel
 
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  checkpoint.quiet_orbax_logs()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  _DISTRIBUTED.value)
   if jax.process_count() > 1:
     stop.hand_over_to_jax()
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),

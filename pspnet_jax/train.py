@@ -31,8 +31,8 @@ from absl import logging
 from clu import periodic_actions
 from flax import nnx
 
-from pspnet_jax import (checkpoint, configuration, evaluate, losses, optim, run_lock, sharding,
-                        train_state, writers)
+from pspnet_jax import (checkpoint, configuration, evaluation, inference, losses, optim,
+                        run_lock, sharding, train_state, writers)
 from pspnet_jax.data import pipeline, registry
 from pspnet_jax.stop_request import StopRequest
 from pspnet_jax.train_state import TrainState
@@ -239,7 +239,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   logging.info('train step compiled in %.1f s; %d examples per process per step',
                time.perf_counter() - compile_start, local_rows)
   _log_compiled(compiled_step, config, mesh, state)
-  eval_fn = evaluate.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
+  eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
 
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
@@ -323,16 +323,35 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
                                        step % config.train.eval_every == 0)
       if eval_now:
         with report_progress.timed('eval'):
-          results = evaluate.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+          results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
         writers.write_eval(writer, step, results, names, table=step == num_steps)
         save(step, {checkpoint.BEST_METRIC: results['mIoU']})
       elif step % config.train.checkpoint_every == 0:
         save(step)
     else:
       if not results:   # nothing left to train: the run had finished before
-        results = evaluate.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
         writers.write_eval(writer, step, results, names, table=True)
+      if config.eval.at_end_of_training:
+        _final_evaluation(config, workdir, mesh, eval_graphdef, state, writer, names)
   finally:
     checkpointer.close()
     writer.close()
   return results if step == num_steps else {}
+
+
+def _final_evaluation(config, workdir: str, mesh, eval_graphdef, state: TrainState, writer,
+                      names) -> None:
+  """eval.protocol on data.eval_split at the original sizes, once per finished run."""
+  protocol = inference.Protocol.from_config(config)
+  step = int(state.step)
+  path = evaluation.results_path(workdir, config.data.eval_split, step, protocol.name)
+  if os.path.exists(path):   # a restart of a finished run: already done
+    return
+  predictor = inference.Predictor(eval_graphdef, train_state.model_variables(state), protocol,
+                                  mean=config.data.mean, std=config.data.std,
+                                  batch_size=config.eval.batch_size, mesh=mesh)
+  results = evaluation.evaluate_split(predictor, config)
+  writers.write_eval(writer, step, results, names, table=True, prefix=f'eval_{protocol.name}')
+  if jax.process_index() == 0:
+    evaluation.write_results(path, results, names, protocol.settings())

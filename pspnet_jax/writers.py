@@ -93,16 +93,22 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
       JsonlWriter(os.path.join(workdir, METRICS_FILE))])
 
 
+def log_class_table(title: str, results: dict, class_names) -> None:
+  """The per-class IoU and accuracy table on the console."""
+  lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
+           in enumerate(zip(class_names, results['IoU'], results['acc']))]
+  logging.info('%s:\n%s\n  mIoU %.4f  mAcc %.4f  allAcc %.4f', title, '\n'.join(lines),
+               results['mIoU'], results['mAcc'], results['allAcc'])
+
+
 def write_eval(writer: metric_writers.MetricWriter, step: int, results: dict,
-               class_names, *, table: bool) -> None:
-  """One metrics row with the per-class IoUs; `table` also logs the per-class table."""
-  row = {f'eval/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
+               class_names, *, table: bool, prefix: str = 'eval') -> None:
+  """One metrics row with the per-class IoUs under `prefix`/; `table` also logs the table."""
+  row = {f'{prefix}/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
   # Tags without spaces ('chest of drawers'): TensorBoard rewrites illegal summary names.
   for name, iou in zip(class_names, results['IoU']):
     if not np.isnan(iou):
-      row[f'eval/IoU/{name.replace(" ", "_")}'] = iou
+      row[f'{prefix}/IoU/{name.replace(" ", "_")}'] = iou
   if table:
-    lines = [f'  {index:3d} {name:20s} IoU {iou:.4f}  acc {acc:.4f}' for index, (name, iou, acc)
-             in enumerate(zip(class_names, results['IoU'], results['acc']))]
-    logging.info('per-class results at step %d:\n%s', step, '\n'.join(lines))
+    log_class_table(f'per-class results ({prefix}) at step {step}', results, class_names)
   writer.write_scalars(step, row)

@@ -15,7 +15,8 @@ Grain refuses a state saved with another worker count.
 Evaluation (`eval_batches`): every example exactly once over all processes,
 each process a contiguous slice, padded with ignored examples (`valid`
 False) so that every process yields the same number of equally shaped
-batches and the evaluation step compiles once.
+batches and the evaluation step compiles once. `eval_examples` gives the
+same slices at the original size, for the official protocol (`evaluation`).
 
 Examples are dicts {'image': HxWx3 uint8 RGB, 'label': HxWx1 uint8,
 'file_name': text}, the layout all our builders write.
@@ -148,6 +149,23 @@ def train_loader(config, *, process_index: int | None = None,
       shard_options=shard_options,
       read_options=grain.ReadOptions(num_threads=_READ_THREADS,
                                      prefetch_buffer_size=_READ_AHEAD_BATCHES * batch_size))
+
+
+def eval_examples(config, split: str, *, process_index: int | None = None,
+                  process_count: int | None = None):
+  """(this process's (index, decoded example) iterator, its count, the split's count).
+
+  Process p of P takes the contiguous examples [p*n, (p+1)*n), n = ceil(N/P),
+  at their original size (checked by `DecodeAndCheck`), read one at a time.
+  """
+  process_index, process_count = _processes(process_index, process_count)
+  source = load_split(config, split)
+  per_process = -(-len(source) // process_count)
+  start = min(len(source), process_index * per_process)
+  stop = min(len(source), start + per_process)
+  check = DecodeAndCheck(config.data.num_classes, config.data.ignore_label)
+  examples = ((index, check.map(source[index])) for index in range(start, stop))
+  return examples, stop - start, len(source)
 
 
 def eval_batches(config, split: str | None = None, *, process_index: int | None = None,
