@@ -1,0 +1,84 @@
+"""Predicts the classes of image files with a checkpoint of a run directory.
+
+  python -m pspnet_jax.predict --config=configs/ade20k.py --workdir=DIR \\
+      --input=photos/ --output=OUT [--step=N] [--overwrite] [--config.eval.protocol=whole]
+
+`--input` is an image file, a folder (searched recursively) or a quoted glob
+(`'photos/*.jpg'`, `'data/**/*.png'`). Each image, of any size, runs through
+the config's evaluation protocol (eval.protocol, eval.scales, eval.flip, ...)
+and gives OUT/gray/<name>.png (class indices), OUT/color/<name>.png (the
+dataset's palette) and OUT/overlay/<name>.jpg; OUT/legend.json and legend.png
+name the classes present, OUT/prediction.json records the model, the protocol
+and the skipped (unreadable) files. <name> is the path below the input folder
+without extension. An output folder written by another checkpoint or protocol
+is refused unless `--overwrite` (which clears its outputs first). Details:
+pspnet_jax/predictions.py.
+
+On several hosts every process runs the same command (with `--distributed` or
+`--coordinator_address`); the images are split between them and OUT must be a
+folder all of them see.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoint predicts.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_INPUT = flags.DEFINE_string('input', None, 'Image file, folder (recursive) or glob.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (gray/, color/, overlay/, legend).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Clear the outputs of OUT first; needed when '
+                               'another checkpoint or protocol wrote them.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'jax.distributed with cluster '
+                                 'auto-detection (Cloud TPU, SLURM).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a hand-started multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors do not pay for importing JAX and TF.
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from pspnet_jax import checkpoint, configuration, inference, predictions, sharding
+  from pspnet_jax.data import registry
+  # pylint: enable=import-outside-toplevel
+
+  checkpoint.quiet_orbax_logs()
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  _DISTRIBUTED.value)
+  config = _CONFIG.value
+  try:
+    configuration.validate(config)
+    protocol = inference.Protocol.from_config(config)
+    class_names, palette = registry.class_names(config), registry.palette(config)
+    inputs = predictions.find_inputs(_INPUT.value, exclude=_OUTPUT.value)
+    loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
+    run = predictions.describe_run(config, _WORKDIR.value, loaded.step, protocol,
+                                   config_flags.get_config_filename(flags.FLAGS['config']))
+    predictions.claim_output(_OUTPUT.value, run, overwrite=_OVERWRITE.value)
+  except (ValueError, FileNotFoundError, predictions.OutputInUse) as error:
+    # A bad config, input, checkpoint or output folder: one line that names it.
+    logging.error('%s', error)
+    sys.exit(1)
+  logging.info('step %d of %s, protocol %s: %d images over %d processes', loaded.step,
+               _WORKDIR.value, protocol.settings(), len(inputs), jax.process_count())
+  predictor = inference.Predictor.from_model(loaded.model, config, protocol=protocol)
+  results = predictions.predict_files(predictor, inputs, _OUTPUT.value, palette)
+  if jax.process_index() == 0:
+    predictions.write_summary(_OUTPUT.value, run, results, class_names, palette)
+  logging.info('predicted %d images into %s; skipped %d unreadable', len(results.classes),
+               _OUTPUT.value, len(results.skipped))
+  if not results.classes:
+    logging.error('no input could be read (see %s/%s)', _OUTPUT.value, predictions.RUN_FILE)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir', 'input', 'output'])
+  app.run(main)
