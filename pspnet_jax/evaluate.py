@@ -14,6 +14,8 @@ the same command (`--distributed` or `--coordinator_address`); each reads its
 share of the images.
 """
 
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +26,8 @@ _SPLIT = flags.DEFINE_string('split', None, 'TFDS split (default: config.data.ev
 _SAVE_PREDICTIONS = flags.DEFINE_string(
     'save_predictions', None, 'Also write the predictions as `predict` does (gray/, color/, '
     'overlay/) into this folder.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --save_predictions: clear a folder '
+                               'that another checkpoint or protocol wrote.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'jax.distributed with cluster '
                                  'auto-detection (Cloud TPU, SLURM).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -38,7 +42,8 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   # pylint: disable=import-outside-toplevel
   import jax
-  from pspnet_jax import checkpoint, configuration, evaluation, inference, sharding, writers
+  from pspnet_jax import (checkpoint, configuration, evaluation, inference, predictions,
+                          sharding, writers)
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
@@ -53,11 +58,19 @@ def main(argv):
   logging.info('evaluating step %d of %s on %s: %s', loaded.step, _WORKDIR.value, split,
                protocol.settings())
   predictor = inference.Predictor.from_model(loaded.model, config, protocol=protocol)
-  on_prediction = None
-  if _SAVE_PREDICTIONS.value:
-    on_prediction = _prediction_saver(config, loaded.step, protocol)
-  results = evaluation.evaluate_split(predictor, config, split, on_prediction=on_prediction)
   names = registry.class_names(config)
+  saver = None
+  if _SAVE_PREDICTIONS.value:
+    run = predictions.describe_run(config, _WORKDIR.value, loaded.step, protocol,
+                                   config_flags.get_config_filename(flags.FLAGS['config']))
+    predictions.claim_output(_SAVE_PREDICTIONS.value, run, overwrite=_OVERWRITE.value)
+    saver = _PredictionSaver(predictions.save_prediction, _SAVE_PREDICTIONS.value,
+                             registry.palette(config))
+  results = evaluation.evaluate_split(predictor, config, split, on_prediction=saver)
+  if saver is not None:
+    saved = predictions.gather_results(saver.classes, [])
+    if jax.process_index() == 0:
+      predictions.write_summary(_SAVE_PREDICTIONS.value, run, saved, names, saver.palette)
   if jax.process_index() == 0:
     path = evaluation.results_path(_WORKDIR.value, split, loaded.step, protocol.name)
     evaluation.write_results(path, results, names, protocol.settings())
@@ -66,20 +79,18 @@ def main(argv):
                  results['seconds'], path)
 
 
-def _prediction_saver(config, step, protocol):
-  """on_prediction for evaluate_split: each class map written as `predict` writes it."""
-  # pylint: disable=import-outside-toplevel
-  from pspnet_jax import predictions
-  from pspnet_jax.data import registry
-  # pylint: enable=import-outside-toplevel
-  palette = registry.palette(config)
-  out_dir = _SAVE_PREDICTIONS.value
+class _PredictionSaver:
+  """on_prediction of evaluate_split: each class map written as `predict` writes it, named by
+  the example's file name without its extension."""
 
-  def save(file_name, image, class_map):
-    predictions.save_prediction(out_dir, file_name, image, class_map, palette)
+  def __init__(self, save_prediction, out_dir: str, palette):
+    self._save = save_prediction   # predictions.save_prediction, imported by main
+    self.out_dir, self.palette = out_dir, palette
+    self.classes = {}   # name -> classes present, for the legend
 
-  del step, protocol
-  return save
+  def __call__(self, file_name, image, class_map):
+    name = os.path.splitext(file_name)[0]
+    self.classes[name] = self._save(self.out_dir, name, image, class_map, self.palette)
 
 
 if __name__ == '__main__':

@@ -301,6 +301,11 @@ def predict_files(predictor: inference.Predictor, inputs: list[ImageFile], out_d
                                     palette)
     logging.log_every_n_seconds(logging.INFO, 'predicted %d of %d images (%s)', 10,
                                 len(classes), len(share), name)
+  return gather_results(classes, skipped)
+
+
+def gather_results(classes: dict[str, list[int]], skipped: list[dict]) -> Results:
+  """Every process's classes and skips in one Results (collective: all processes call it)."""
   everyone = _all_processes([classes, skipped])
   return Results({name: present for done, _ in everyone for name, present in done.items()},
                  [entry for _, missed in everyone for entry in missed])

@@ -120,9 +120,15 @@ def test_two_processes_count_every_image_once_and_agree_with_one(setup, tmp_path
   checkpoint.save_model(workdir, 3, checkpoint.model_variables(model), {'source': 'test'})
   data_dir = config.data.data_dir
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  single = subprocess.run(evaluate_command(workdir, data_dir), cwd=REPO, env=env,
-                          capture_output=True, text=True)
+  saved = str(tmp_path / 'predictions')
+  single = subprocess.run(evaluate_command(workdir, data_dir, [f'--save_predictions={saved}']),
+                          cwd=REPO, env=env, capture_output=True, text=True)
   assert single.returncode == 0, single.stderr[-3000:]
+  # The predictions of the split are saved as `predict` saves them, one per image.
+  gray = sorted(os.listdir(os.path.join(saved, 'gray', 'validation')))
+  assert gray == [f'{index:06d}.png' for index in range(7)]
+  with open(os.path.join(saved, 'prediction.json'), encoding='utf-8') as f:
+    assert json.load(f)['images'] == 7
   path = evaluation.results_path(workdir, 'validation', 3, 'slide')
   with open(path, encoding='utf-8') as f:
     expected = json.load(f)
