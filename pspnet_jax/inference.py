@@ -149,21 +149,21 @@ class _ImageJob:
   def __init__(self, key, image: np.ndarray, protocol: Protocol, mean, std):
     self.key = key
     self.image = np.asarray(image, np.float32)
-    self.scales = [round(s * protocol.base_size) for s in protocol.scales]
+    self.long_sides = [round(s * protocol.base_size) for s in protocol.scales]
     self.protocol, self.mean, self.std = protocol, mean, std
     self.total = None
     self.canvas = None      # the scale whose windows are being handed out; None when all are
     self.scale_index = -1
     self.finished_scales = 0
 
-  def next_canvas(self) -> '_ScaleCanvas | None':
+  def next_canvas(self) -> None:
+    """Moves `canvas` to the next scale (None after the last)."""
     self.scale_index += 1
-    if self.scale_index == len(self.scales):
+    if self.scale_index == len(self.long_sides):
       self.canvas = None
     else:
-      self.canvas = _ScaleCanvas(self.image, self.scales[self.scale_index], self.protocol,
+      self.canvas = _ScaleCanvas(self.image, self.long_sides[self.scale_index], self.protocol,
                                  self.mean, self.std)
-    return self.canvas
 
   def finish_scale(self, canvas: _ScaleCanvas) -> None:
     height, width = self.image.shape[:2]
@@ -173,10 +173,10 @@ class _ImageJob:
 
   @property
   def done(self) -> bool:
-    return self.finished_scales == len(self.scales)
+    return self.finished_scales == len(self.long_sides)
 
   def probabilities(self) -> np.ndarray:
-    return self.total / len(self.scales)
+    return self.total / len(self.long_sides)
 
 
 def window_probabilities(variables: nnx.State, windows: jax.Array, *, graphdef: nnx.GraphDef,
