@@ -137,10 +137,11 @@ class _ScaleCanvas:
 
   def result(self, height: int, width: int) -> np.ndarray:
     """The averaged probabilities without the padding, resized to (height, width)."""
-    average = self.sums / self.counts[..., None]
+    # In place: a canvas of a large image at a large scale is hundreds of megabytes.
+    self.sums /= self.counts[..., None]
     new_h, new_w = self.size
-    average = average[self.top:self.top + new_h, self.left:self.left + new_w]
-    return _resize(average, height, width)
+    return _resize(self.sums[self.top:self.top + new_h, self.left:self.left + new_w],
+                   height, width)
 
 
 class _ImageJob:
