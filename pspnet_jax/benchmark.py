@@ -8,6 +8,8 @@
       [--config.data.worker_count=2]
   python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=input --fake_ade20k=64 \\
       --steps=40 --batch_size=8 --semseg_reference
+  python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=eval --num_images=8 \\
+      --batch_size=2 [--semseg_reference]
 
 `--what=forward`: the eval-mode forward of the config's model on a
 crop_size x crop_size batch of `--batch_size` (default 1) images, median over
@@ -29,7 +31,16 @@ N ADE20K-sized pairs written and built in a temporary folder
 (benchmarks/fake_ade20k.py); `--semseg_reference` then also times semseg's
 way on the same files.
 
-Every row also says how busy the machine was (`load_average_before`).
+`--what=eval`: the slide protocol (`inference.Predictor`, the config's
+eval.crop_size, base_size, scales and flip) on `--num_images` ADE20K-sized
+images, `--batch_size` windows per step over all local devices (default
+eval.batch_size): images/s, windows/s and windows/s per device after a
+warm-up image (compilation, timed on its own) (benchmarks/eval_speed.py).
+`--semseg_reference` also times semseg's tool/test.py way in the same run on
+the same images and weights: the PyTorch twin, one window at a time with its
+mirror, and the ratio of the two.
+
+Every row also says how busy the machine was (`load_average_before`, `_after`).
 """
 
 import json
@@ -38,22 +49,28 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from pspnet_jax.benchmarks import input_speed, model_speed
+from pspnet_jax.benchmarks import eval_speed, input_speed, model_speed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WHAT = flags.DEFINE_enum('what', 'forward', ['forward', 'train', 'input'], 'What to measure.')
+_WHAT = flags.DEFINE_enum('what', 'forward', ['forward', 'train', 'input', 'eval'],
+                          'What to measure.')
 _BATCH = flags.DEFINE_integer(
-    'batch_size', None, 'Images per call (forward, default 1) or global batch per step (train, '
-    'input, default config.train.batch_size).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls, steps or batches after the warm-up.')
+    'batch_size', None, 'Images per call (forward, default 1), global batch per step (train, '
+    'input, default config.train.batch_size) or windows per step over all devices (eval, '
+    'default config.eval.batch_size).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls, steps or batches after the warm-up '
+                              '(forward, train, input).')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'eval: ADE20K-sized images timed after the '
+                                   'warm-up image.')
 _TORCH = flags.DEFINE_bool('torch_reference', False,
                            'Also time the PyTorch twin (forward and train).')
 _FAKE_ADE = flags.DEFINE_integer(
     'fake_ade20k', 0, 'input: write this many ADE20K-sized JPEG/PNG pairs in the official '
     'layout to a temporary folder, build them with the ADE20K builder and measure on them.')
 _SEMSEG_REFERENCE = flags.DEFINE_bool(
-    'semseg_reference', False, 'input with --fake_ade20k: also time the semseg way on the same '
-    'files (cv2.imread and the same augmentation per sample in a Python for loop).')
+    'semseg_reference', False, 'input with --fake_ade20k, eval: also time the semseg way on the '
+    'same files (input: cv2.imread and the same augmentation per sample in a Python for loop) '
+    'or images (eval: tool/test.py with the PyTorch twin, one window and its mirror at a time).')
 
 # --what -> the measurement, called as fn(config, batch_size, steps).
 _MODES = {
@@ -61,25 +78,35 @@ _MODES = {
     'train': lambda *args: model_speed.measure_train(*args, torch_reference=_TORCH.value),
     'input': lambda *args: input_speed.measure_input(
         *args, fake_ade20k=_FAKE_ADE.value, semseg_reference=_SEMSEG_REFERENCE.value),
+    'eval': lambda config, batch_size, steps: eval_speed.measure_eval(
+        config, batch_size, _NUM_IMAGES.value, semseg_reference=_SEMSEG_REFERENCE.value),
 }
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  if _TORCH.value and _WHAT.value == 'input':
-    raise app.UsageError('--torch_reference applies to --what=forward and --what=train')
+  if _TORCH.value and _WHAT.value in ('input', 'eval'):
+    raise app.UsageError('--torch_reference applies to --what=forward and --what=train '
+                         '(eval: --semseg_reference)')
   if _WHAT.value == 'input' and _SEMSEG_REFERENCE.value and not _FAKE_ADE.value:
     raise app.UsageError('--semseg_reference needs --fake_ade20k (the files to read)')
   batch_size = _BATCH.value
   if batch_size is None:
-    batch_size = 1 if _WHAT.value == 'forward' else config.train.batch_size
+    if _WHAT.value == 'forward':
+      batch_size = 1
+    elif _WHAT.value == 'eval':
+      batch_size = config.eval.batch_size
+    else:
+      batch_size = config.train.batch_size
   # Other work on the machine can stall PyTorch's OpenMP threads (on a loaded
   # 2-core VM its forward ran 30x slower on 2 threads than on 1), so every row
   # says how busy the machine was.
   load = os.getloadavg()[0]
   result = _MODES[_WHAT.value](config, batch_size, _STEPS.value)
-  print(json.dumps({**result, 'load_average_before': round(load, 2)}))
+  # An eval run takes minutes, long enough for the others' work to come or go.
+  print(json.dumps({**result, 'load_average_before': round(load, 2),
+                    'load_average_after': round(os.getloadavg()[0], 2)}))
 
 
 if __name__ == '__main__':

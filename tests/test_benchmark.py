@@ -1,4 +1,5 @@
-"""The benchmark command end to end at toy sizes: one JSON line whose fields make sense.
+"""The benchmark command end to end at toy sizes: one JSON line whose fields make sense; and the
+eval benchmark's semseg way proven to compute what the Predictor computes.
 
 Timings depend on the machine and its load, so only their sign is checked.
 """
@@ -9,9 +10,17 @@ import subprocess
 import sys
 import time
 
+import cv2
+import jax
+import numpy as np
 import pytest
+import torch
+from flax import nnx
 
-from pspnet_jax.benchmarks import timing
+from configs import demo
+from pspnet_jax import inference
+from pspnet_jax.benchmarks import eval_speed, timing
+from pspnet_jax.models import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small synthetic dataset and crop; the demo config's ResNet-18 at output stride 16.
@@ -86,3 +95,94 @@ def test_cpu_seconds_count_live_child_processes():
   finally:
     child.kill()
     child.wait()
+
+
+def small_eval_config(num_classes=5):
+  """The demo's ResNet-18 at output stride 16, with windows of 33 on images resized to 48."""
+  config = demo.get_config()
+  config.data.num_classes = num_classes
+  config.eval.crop_size = 33
+  config.eval.base_size = 48
+  config.eval.batch_size = 8
+  return config
+
+
+def test_semseg_way_of_the_eval_benchmark_equals_the_predictor():
+  """The timed reference is the Predictor's computation: semseg's test.py transcription in
+  eval_speed gives the same probabilities (two scales, flip, padding, several windows), and
+  runs the model once per window counted by `window_count`."""
+  config = small_eval_config()
+  config.eval.scales = (0.75, 1.25)
+  model = create_model(config, rngs=nnx.Rngs(0))
+  # BatchNorm statistics and a classifier far from the initial ones: outputs far from uniform.
+  rng = np.random.default_rng(1)
+  for path, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.BatchStat):
+      shape = variable.get_value().shape
+      value = rng.uniform(0.5, 2.0, shape) if path[-1] == 'var' else rng.normal(0, 0.1, shape)
+      variable.set_value(jax.numpy.asarray(value, jax.numpy.float32))
+  model.cls.classifier.kernel.set_value(model.cls.classifier.kernel.get_value() * 20)
+  model.eval()
+  protocol = inference.Protocol.from_config(config, 'slide')
+  images = [(index, cv2.resize(rng.integers(0, 256, (8, 8, 3)).astype(np.float32),
+                               (width, height)).astype(np.uint8))
+            for index, (height, width) in enumerate([(70, 50), (40, 90), (20, 25)])]
+  got = dict(inference.Predictor.from_model(model, config, protocol=protocol).probabilities(
+      images))
+  twin = eval_speed.semseg_twin(config, model)
+  batches = []
+
+  def counting_twin(tensor):
+    batches.append(tensor.shape[0])
+    return twin(tensor)
+
+  # One thread: windows of 33 gain nothing from more, and PyTorch's OpenMP threads stall
+  # (5x here) while the other tests load the machine.
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  try:
+    for key, image in images:
+      expected = eval_speed.semseg_probabilities(counting_twin, image, config.data.num_classes,
+                                                 protocol, config.data.mean, config.data.std)
+      np.testing.assert_allclose(got[key], expected, atol=2e-5)
+      assert np.ptp(expected, axis=(0, 1)).max() > 0.01
+  finally:
+    torch.set_num_threads(threads)
+  assert batches == [2] * sum(eval_speed.window_count(*image.shape[:2], protocol)
+                              for _, image in images)
+  # ADE20K at scale 1: a 512 x 683 image becomes 384 x 512, padded to 473 x 512: two windows.
+  ade20k = inference.Protocol('slide', 473, 512, (1.0,), True)
+  assert eval_speed.window_count(512, 683, ade20k) == 2
+  assert eval_speed.window_count(683, 512, ade20k) == 2
+
+
+def test_semseg_way_resizes_more_channels_than_opencv_5_takes():
+  """ADE20K's 150 class probabilities, resized in slices: each channel as if alone (to cv2's
+float32 interpolation weights, which its many-channel path uses)."""
+  probabilities = np.random.default_rng(0).random((5, 7, 150))
+  resized = eval_speed.cv2_resize(probabilities, (9, 6))
+  assert resized.shape == (6, 9, 150)
+  for channel in (0, 127, 128, 149):
+    np.testing.assert_allclose(resized[..., channel], cv2.resize(
+        probabilities[..., channel], (9, 6), interpolation=cv2.INTER_LINEAR), atol=1e-6)
+
+
+def test_eval_benchmark_on_tiny_sizes_beside_the_semseg_way():
+  result = eval_speed.measure_eval(small_eval_config(num_classes=7), batch_size=8, num_images=2,
+                                   semseg_reference=True)
+  assert (result['what'], result['protocol'], result['crop_size'], result['num_devices'],
+          result['num_images'], result['windows']) == ('eval', 'slide', 33, 8, 2, 4)
+  for key in ('warmup_seconds', 'seconds', 'images_per_s', 'windows_per_s',
+              'windows_per_s_per_device', 'semseg_way_seconds', 'semseg_way_images_per_s',
+              'speedup_over_semseg_way'):
+    assert result[key] > 0, key
+  assert result['windows_per_s'] == pytest.approx(result['windows_per_s_per_device'] * 8,
+                                                  rel=1e-3)
+
+
+@pytest.mark.slow
+def test_eval_command_prints_one_line():
+  result = _benchmark(['--what=eval', '--num_images=1', '--config.eval.crop_size=33',
+                       '--config.eval.base_size=48'], devices=2)
+  assert (result['what'], result['batch_size'], result['num_devices'], result['windows']) == (
+      'eval', 2, 2, 2)
