@@ -44,8 +44,8 @@ from pspnet_jax.data import transforms
 from pspnet_jax.models import layers
 
 PROTOCOLS = ('whole', 'slide')
-# cv2 keeps at most this many channels in one image (CV_CN_MAX).
-_CV_MAX_CHANNELS = 512
+# OpenCV 5 resizes at most this many channels in one call (OpenCV 4: 512); ADE20K has 150.
+_CV_MAX_CHANNELS = 128
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The PyTorch-exact layers against PyTorch itself: resize, adaptive pooling, conv padding, BatchNorm, Dropout2d."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,3 +89,18 @@ def test_dropout2d_drops_whole_channels():
   assert set(np.unique(per_channel)) == {0.0, 2.0}
   head.eval()
   np.testing.assert_array_equal(head.dropout(x), x)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_one_by_one_convolutions_are_dots_with_the_convolution_values(stride):
+  conv = layers.conv2d(16, 8, 1, stride=stride, use_bias=True, torch_default_init=True,
+                       rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 16)), jnp.float32)
+  expected = jax.lax.conv_general_dilated(
+      x, conv.kernel.get_value(), (stride, stride), ((0, 0), (0, 0)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + conv.bias.get_value()
+  np.testing.assert_allclose(conv(x), expected, atol=1e-5)
+  program = str(jax.make_jaxpr(conv)(x))
+  assert 'dot_general' in program and 'conv_general_dilated' not in program
+  # Any other kernel stays a convolution.
+  assert 'conv_general_dilated' in str(jax.make_jaxpr(layers.conv2d(16, 8, 3, rngs=nnx.Rngs(0)))(x))

@@ -94,6 +94,31 @@ def _torch_default_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _conv_or_dot(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """`jax.lax.conv_general_dilated`, with 1x1 kernels computed as a matrix product.
+
+  XLA:CPU runs a 1x1 convolution 1.4-2.6x slower than the same product as a
+  dot (1024->256 channels on 4x60x60: 109 ms as a convolution, 42 ms as a dot,
+  PyTorch 59 ms), and most of a bottleneck ResNet's work is 1x1. The values are
+  the same: an unpadded 1x1 kernel reads each (strided) pixel alone. On TPU and
+  GPU XLA lowers such a convolution to a dot anyway.
+  """
+  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+  if (rhs.shape[:2] == (1, 1) and feature_group_count == 1 and dimension_numbers == nhwc
+      and all(tuple(side) == (0, 0) for side in padding)
+      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))):
+    stride_h, stride_w = window_strides
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}
+    return jnp.einsum('bhwc,cd->bhwd', lhs[:, ::stride_h, ::stride_w], rhs[0, 0],
+                      precision=precision, **kwargs)
+  return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding,
+                                      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                                      dimension_numbers=dimension_numbers,
+                                      feature_group_count=feature_group_count,
+                                      precision=precision, **kwargs)
+
+
 def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
            dilation: int = 1, use_bias: bool = False, torch_default_init: bool = False,
            dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
@@ -118,7 +143,8 @@ def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding=((pad, pad), (pad, pad)), kernel_dilation=dilation,
                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+                  conv_general_dilated=_conv_or_dot)
 
 
 class BatchNorm(nnx.Module):
