@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from demo_runs import REPO, demo_config, read_rows
-from pspnet_jax import checkpoint, evaluation, inference, metrics, sharding, train
+from demo_runs import REPO, demo_config
+from pspnet_jax import checkpoint, evaluation, inference, metrics, sharding
 from pspnet_jax.data import pipeline, registry
 from pspnet_jax.models import create_model
 from test_multihost import free_port
@@ -150,18 +150,3 @@ def test_two_processes_count_every_image_once_and_agree_with_one(setup, tmp_path
                                 expected_confusion)
   assert got['num_images'] == expected['num_images'] == 7
   assert got['mIoU'] == expected['mIoU']
-
-
-@pytest.mark.slow
-def test_training_can_end_with_the_protocol(setup, tmp_path):
-  config, _ = setup
-  config = demo_config(config.data.data_dir, {
-      **OVERRIDES, 'data.crop_size': 41, 'train.num_steps': 2, 'train.batch_size': 8,
-      'train.log_every': 1, 'train.eval_every': 0, 'eval.at_end_of_training': True})
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  rows = read_rows(workdir)
-  final = [row for row in rows if 'eval_slide/mIoU' in row]
-  assert len(final) == 1 and final[0]['step'] == 2
-  with open(evaluation.results_path(workdir, 'validation', 2, 'slide'), encoding='utf-8') as f:
-    assert json.load(f)['mIoU'] == pytest.approx(final[0]['eval_slide/mIoU'])

@@ -1,4 +1,5 @@
-"""Whole runs of `python -m pspnet_jax.main`: SIGTERM and restart = uninterrupted, bit for bit.
+"""Whole runs of `python -m pspnet_jax.main`: SIGTERM and restart = uninterrupted, bit for bit,
+ending with the official protocol (eval.at_end_of_training) in both.
 
 Also: consecutive non-finite steps stop the run with the last checkpoint
 intact; a resume with a config that changes the computation is refused by key
@@ -19,7 +20,7 @@ from flax import nnx
 
 from configs import demo
 from demo_runs import REPO, demo_config, main_command, read_rows
-from pspnet_jax import checkpoint, train
+from pspnet_jax import checkpoint, evaluation, train
 from pspnet_jax.data import pipeline
 from pspnet_jax.models import create_model
 
@@ -35,7 +36,8 @@ OVERRIDES = {
 
 
 def command(workdir, data_dir):
-  return main_command(workdir, data_dir, OVERRIDES)
+  # Both runs end with the official protocol as well (the demo's: whole, at the original sizes).
+  return main_command(workdir, data_dir, {**OVERRIDES, 'eval.at_end_of_training': True})
 
 
 # Two devices: the restore goes through a sharded mesh, without the cost of eight simulated ones.
@@ -88,7 +90,14 @@ def test_restarted_run_equals_uninterrupted_run_bitwise(runs):
           'train/lr_backbone', 'train/lr_head')
   for mine, reference in zip(got, expected):
     assert {key: mine.get(key) for key in keys} == {key: reference.get(key) for key in keys}
-  assert got[-1]['eval/mIoU'] == expected[-1]['eval/mIoU']
+  final = lambda rows, key: [row[key] for row in rows if key in row]
+  assert final(got, 'eval/mIoU') == final(expected, 'eval/mIoU')
+  # The run ended with the protocol too: one row, its results file, the same in both runs.
+  assert final(got, 'eval_whole/mIoU') == final(expected, 'eval_whole/mIoU')
+  assert len(final(got, 'eval_whole/mIoU')) == 1
+  with open(evaluation.results_path(stopped, 'validation', NUM_STEPS, 'whole'),
+            encoding='utf-8') as f:
+    assert json.load(f)['mIoU'] == final(got, 'eval_whole/mIoU')[0]
   straight_step, straight_vars = final_variables(straight)
   stopped_step, stopped_vars = final_variables(stopped)
   assert straight_step == stopped_step == NUM_STEPS
