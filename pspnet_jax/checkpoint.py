@@ -27,6 +27,7 @@ the background write's outcome is checked after every training step.
 """
 
 import datetime
+import functools
 import logging as std_logging
 import os
 import re
@@ -245,18 +246,31 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
     elif step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
                               f'there are {list(manager.all_steps())}')
-    target = _abstract(abstract_variables.to_pure_dict())
     where = f'checkpoint {os.path.join(checkpoint_dir(workdir), str(step))}'
-    meta = _read(where, 'meta', lambda: manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
-    stored = _read(where, 'model', lambda: manager.item_metadata(step)['model'])
-    _check_shapes(stored, target, where)
-    model = _read(where, 'model', lambda: manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(target)))['model'])
-  _verify(model, meta.get('digests', {}).get('model', {}), where, 'model')
-  variables = nnx.State(abstract_variables)
-  nnx.replace_by_pure_dict(variables, model)
+    meta = _restore_item(manager, step, where, 'meta', ocp.args.JsonRestore())
+    variables = _restore_model_item(manager, step, where, abstract_variables,
+                                    meta.get('digests', {}))
   return variables, step, meta
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, where: str, name: str, args):
+  """Item `name` of checkpoint `step`; a failure to read it raises DamagedCheckpoint."""
+  return _read(where, name, lambda: manager.restore(
+      step, args=ocp.args.Composite(**{name: args}))[name])
+
+
+def _restore_model_item(manager: ocp.CheckpointManager, step: int, where: str,
+                        variables: nnx.State, saved_digests: dict) -> nnx.State:
+  """The model item in the shapes and shardings of `variables`: the stored shapes are compared
+  with the config's first (a mismatch names the parameter), the digests checked after."""
+  target = _abstract(variables.to_pure_dict())
+  _check_shapes(_read(where, 'model', lambda: manager.item_metadata(step)['model']), target,
+                where)
+  model = _restore_item(manager, step, where, 'model', ocp.args.StandardRestore(target))
+  _verify(model, saved_digests.get('model', {}), where, 'model')
+  restored = nnx.State(variables)
+  nnx.replace_by_pure_dict(restored, model)
+  return restored
 
 
 def _best_metric(metrics: dict) -> float:
@@ -414,12 +428,7 @@ class TrainCheckpointer:
     model or layout.
     """
     where = f'checkpoint {os.path.join(self.directory, str(step))}'
-    manager = self._manager
-
-    def restore_item(name, args):
-      return _read(where, name, lambda: manager.restore(
-          step, args=ocp.args.Composite(**{name: args}))[name])
-
+    restore_item = functools.partial(_restore_item, self._manager, step, where)
     meta = restore_item('meta', ocp.args.JsonRestore())
     if not isinstance(meta, dict):
       raise DamagedCheckpoint(f'{where} is damaged: its meta item is not a JSON object')
@@ -441,18 +450,12 @@ class TrainCheckpointer:
       if check_meta is not None:
         check_meta(step, meta)
     saved_digests = meta.get('digests', {})
-    target = _abstract(variables.to_pure_dict())
-    _check_shapes(_read(where, 'model', lambda: manager.item_metadata(step)['model']), target,
-                  where)
-    model = restore_item('model', ocp.args.StandardRestore(target))
-    _verify(model, saved_digests.get('model', {}), where, 'model')
+    variables = _restore_model_item(self._manager, step, where, variables, saved_digests)
     opt = None
     if complete:
       opt = restore_item('opt', ocp.args.StandardRestore(_abstract(opt_state)))
       _verify(opt, saved_digests.get('opt', {}), where, 'opt')
       restore_item('data', grain.checkpoint.CheckpointRestore(data_iterator))
-    variables = nnx.State(variables)
-    nnx.replace_by_pure_dict(variables, model)
     return variables, opt, meta
 
   def restore_newest_intact(self, variables: nnx.State, opt_state, data_iterator,

@@ -19,6 +19,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pspnet_jax import distributed_flags
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoint is evaluated.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -28,12 +30,7 @@ _SAVE_PREDICTIONS = flags.DEFINE_string(
     'overlay/) into this folder.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'With --save_predictions: clear a folder '
                                'that another checkpoint or protocol wrote.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'jax.distributed with cluster '
-                                 'auto-detection (Cloud TPU, SLURM).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for a hand-started multi-process run.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+flags.adopt_module_key_flags(distributed_flags)   # --help lists the multi-process flags
 
 
 def main(argv):
@@ -43,13 +40,12 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   import jax
   from pspnet_jax import (checkpoint, configuration, evaluation, inference, predictions,
-                          sharding, writers)
+                          writers)
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
   checkpoint.quiet_orbax_logs()
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  _DISTRIBUTED.value)
+  distributed_flags.initialize()
   config = _CONFIG.value
   configuration.validate(config)
   protocol = inference.Protocol.from_config(config)

@@ -14,21 +14,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import stop_request
+from pspnet_jax import distributed_flags, stop_request
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, logs.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection '
-    '(Cloud TPU, SLURM); implied by --coordinator_address.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for a hand-started multi-process run.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     'allow_config_change', [], 'Config keys a resumed run may change from the ones it was '
     'started with (e.g. train.num_steps for a longer schedule); the changes are logged. '
     'Without it a resume refuses changes that alter the computation, naming them.')
+flags.adopt_module_key_flags(distributed_flags)   # --help lists the multi-process flags
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,11 +33,10 @@ def main(argv):
   stop = stop_request.StopRequest()
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   import jax  # pylint: disable=import-outside-toplevel
-  from pspnet_jax import checkpoint, run_lock, sharding, train  # pylint: disable=import-outside-toplevel
+  from pspnet_jax import checkpoint, run_lock, train  # pylint: disable=import-outside-toplevel
 
   checkpoint.quiet_orbax_logs()
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  _DISTRIBUTED.value)
+  distributed_flags.initialize()
   if jax.process_count() > 1:
     stop.hand_over_to_jax()
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),

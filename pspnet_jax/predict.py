@@ -24,6 +24,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pspnet_jax import distributed_flags
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoint predicts.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -31,12 +33,7 @@ _INPUT = flags.DEFINE_string('input', None, 'Image file, folder (recursive) or g
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder (gray/, color/, overlay/, legend).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Clear the outputs of OUT first; needed when '
                                'another checkpoint or protocol wrote them.')
-_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'jax.distributed with cluster '
-                                 'auto-detection (Cloud TPU, SLURM).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for a hand-started multi-process run.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+flags.adopt_module_key_flags(distributed_flags)   # --help lists the multi-process flags
 
 
 def main(argv):
@@ -45,13 +42,12 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   # pylint: disable=import-outside-toplevel
   import jax
-  from pspnet_jax import checkpoint, configuration, inference, predictions, sharding
+  from pspnet_jax import checkpoint, configuration, inference, predictions
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
   checkpoint.quiet_orbax_logs()
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  _DISTRIBUTED.value)
+  distributed_flags.initialize()
   config = _CONFIG.value
   try:
     configuration.validate(config)

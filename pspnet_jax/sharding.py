@@ -15,16 +15,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = 'data'
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, auto_detect: bool) -> None:
-  """jax.distributed for a command's flags: a hand-started cluster (coordinator given), a
-  detected one (Cloud TPU, SLURM: `auto_detect`), or none (one process)."""
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  elif auto_detect:
-    jax.distributed.initialize()
-
-
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes).
 

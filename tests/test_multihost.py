@@ -13,14 +13,12 @@ import socket
 import subprocess
 import time
 
-import jax
-import numpy as np
 import pytest
 
 from demo_runs import REPO, demo_config, main_command, read_rows
 from pspnet_jax import checkpoint
 from pspnet_jax.data import synthetic
-from test_resume import OVERRIDES, final_variables
+from test_resume import OVERRIDES, assert_same_last_checkpoint
 
 # Whole training runs: CI runs them, `pytest -m "not slow"` skips them.
 pytestmark = pytest.mark.slow
@@ -102,9 +100,4 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_restart_equals_a_
   assert [row['step'] for row in got if 'train/loss' in row] == list(range(1, NUM_STEPS + 1))
   for mine, reference in zip(got, expected):
     assert mine.get('train/loss') == reference.get('train/loss'), mine['step']
-  straight_step, straight_vars = final_variables(straight)
-  stopped_step, stopped_vars = final_variables(stopped)
-  assert straight_step == stopped_step == NUM_STEPS
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight_vars),
-                          jax.tree.leaves(stopped_vars)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert_same_last_checkpoint(straight, stopped, NUM_STEPS)

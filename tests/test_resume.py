@@ -51,6 +51,16 @@ def final_variables(workdir):
   return step, jax.device_get(variables.to_pure_dict())
 
 
+def assert_same_last_checkpoint(straight, stopped, num_steps):
+  """Both workdirs end at checkpoint `num_steps` with bitwise equal variables."""
+  straight_step, straight_vars = final_variables(straight)
+  stopped_step, stopped_vars = final_variables(stopped)
+  assert straight_step == stopped_step == num_steps
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight_vars),
+                          jax.tree.leaves(stopped_vars)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """An uninterrupted run, and the same run stopped by SIGTERM part-way then restarted."""
@@ -98,12 +108,7 @@ def test_restarted_run_equals_uninterrupted_run_bitwise(runs):
   with open(evaluation.results_path(stopped, 'validation', NUM_STEPS, 'whole'),
             encoding='utf-8') as f:
     assert json.load(f)['mIoU'] == final(got, 'eval_whole/mIoU')[0]
-  straight_step, straight_vars = final_variables(straight)
-  stopped_step, stopped_vars = final_variables(stopped)
-  assert straight_step == stopped_step == NUM_STEPS
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight_vars),
-                          jax.tree.leaves(stopped_vars)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert_same_last_checkpoint(straight, stopped, NUM_STEPS)
 
 
 def test_learning_rate_trace_of_a_run_is_the_official_one(runs):
