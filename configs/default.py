@@ -45,7 +45,8 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   # TFDS splits for training and for the periodic evaluation.
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
-  # Grain worker processes per host for augmentation (0: in the training process).
+  # Grain worker processes per host for augmentation (0: threads of the training
+  # process). Free to change on a resume: the batches do not depend on it.
   config.data.worker_count = 0
   # Batches each worker prepares ahead of the training step.
   config.data.prefetch = 2

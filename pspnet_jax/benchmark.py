@@ -25,7 +25,7 @@ official model (pspnet_jax/torch_reference.py, needs torch) in the same run on
 the same batch; for train with semseg's training iteration.
 
 `--what=input`: augmented images per second and per CPU second out of
-`pipeline.train_loader` over `--steps` batches of `--batch_size` (default
+`pipeline.train_batches` over `--steps` batches of `--batch_size` (default
 train.batch_size) (benchmarks/input_speed.py). `--fake_ade20k=N` measures on
 N ADE20K-sized pairs written and built in a temporary folder
 (benchmarks/fake_ade20k.py); `--semseg_reference` then also times semseg's

@@ -3,10 +3,11 @@
 A checkpoint is a folder `WORKDIR/checkpoints/<step>/` with named items:
 `model` (the model's parameters and BatchNorm statistics as a nested dict,
 float32) and `meta` (JSON: where the weights came from, the config, the step
-counters). Training adds `opt` (the optimizer state) and `data` (the Grain
-iterator state of every process), so a restart continues exactly where the run
-stopped; a checkpoint without them (an imported one) starts the optimizer and
-the data order afresh from its weights.
+counters). Training adds `opt` (the optimizer state) and writes `num_steps`
+into meta, so a restart continues exactly where the run stopped (the data
+order is a function of the step, `data.pipeline`); a checkpoint without them
+(an imported one) starts the optimizer and the data order afresh from its
+weights.
 Before restoring, the stored shapes are compared with the ones the config
 builds, so a checkpoint of another model fails with the parameter's name
 instead of an orbax stack trace.
@@ -34,7 +35,6 @@ import re
 import shutil
 from typing import Callable, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +50,8 @@ from pspnet_jax.models import create_model, dropout_streams
 
 # Key of the eval metric that decides which checkpoint is the best one.
 BEST_METRIC = 'eval/mIoU'
+# The meta key that marks a training checkpoint (which must have its optimizer item).
+TRAINING_META_KEY = 'num_steps'
 # Where damaged checkpoints are moved, so that a run can save those steps again.
 DAMAGED_DIR = 'damaged_checkpoints'
 
@@ -181,7 +183,7 @@ def _manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None
   # Handlers named up front so that item metadata (shapes) can be read before any restore.
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
       'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
-      'data': grain.checkpoint.CheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+      'meta': ocp.JsonCheckpointHandler()})
 
 
 def all_steps(workdir: str) -> list[int]:
@@ -310,7 +312,7 @@ class Restored(NamedTuple):
 
 
 def _all_processes_agree(ok: bool) -> bool:
-  """True when `ok` holds on every process (one process may fail to read its own data item)."""
+  """True when `ok` holds on every process (each reads its own shards)."""
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
@@ -396,7 +398,7 @@ class TrainCheckpointer:
     if self._last_save is not None and not self._manager.is_saving_in_progress():
       self.wait_until_finished()
 
-  def save(self, step: int, variables: nnx.State, opt_state, data_iterator, meta: dict,
+  def save(self, step: int, variables: nnx.State, opt_state, meta: dict,
            metrics: dict | None = None) -> None:
     """Starts writing checkpoint `step`; `metrics` (with BEST_METRIC) marks eval checkpoints."""
     self.check_for_errors()
@@ -407,46 +409,37 @@ class TrainCheckpointer:
       self._manager.save(step, args=ocp.args.Composite(
           model=ocp.args.StandardSave(model_tree),
           opt=ocp.args.StandardSave(opt_state),
-          data=grain.checkpoint.CheckpointSave(data_iterator),
           meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
     except Exception as error:  # pylint: disable=broad-except
       raise self._write_error(step, error) from error
     self._last_save = step
 
-  def restore(self, step: int, variables: nnx.State, opt_state, data_iterator,
-              data_layout: dict, check_meta: Callable[[int, dict], None] | None = None):
+  def restore(self, step: int, variables: nnx.State, opt_state,
+              check_meta: Callable[[int, dict], None] | None = None):
     """Restores checkpoint `step` into the shapes and shardings of `variables` and `opt_state`.
 
-    Returns (variables, opt_state or None, meta); `data_iterator` is advanced in
-    place. A checkpoint with only weights (written by `convert`) returns None
-    for the optimizer and leaves the iterator at the start. `data_layout`
-    (process count, Grain workers) must equal the one saved in meta: Grain
-    keeps one iterator state per process and refuses another worker count.
+    Returns (variables, opt_state or None, meta). A checkpoint with only
+    weights (written by `convert`) returns None for the optimizer.
     `check_meta(step, meta)` of a training checkpoint runs before any array is
     read (the resume's config comparison). Raises DamagedCheckpoint for files
     that do not read back as written, ValueError for a checkpoint of another
-    model or layout.
+    model.
     """
     where = f'checkpoint {os.path.join(self.directory, str(step))}'
     restore_item = functools.partial(_restore_item, self._manager, step, where)
     meta = restore_item('meta', ocp.args.JsonRestore())
     if not isinstance(meta, dict):
       raise DamagedCheckpoint(f'{where} is damaged: its meta item is not a JSON object')
-    # Training writes data_layout into every checkpoint's meta; an import (convert) never
+    # Training writes num_steps into every checkpoint's meta; an import (convert) never
     # does. A training checkpoint without all of its items is damaged: taking it for an
     # import would rerun the schedule from step 0 on trained weights.
-    complete = 'data_layout' in meta
+    complete = TRAINING_META_KEY in meta
     if complete:
-      missing = [item for item in ('model', 'opt', 'data')
+      missing = [item for item in ('model', 'opt')
                  if not os.path.isdir(os.path.join(self.directory, str(step), item))]
       if missing:
         raise DamagedCheckpoint(f'{where} is damaged: this training checkpoint has no '
                                 f'{" or ".join(missing)} item')
-      if meta['data_layout'] != data_layout:
-        raise ValueError(
-            f'{where} was written with {meta["data_layout"]}, this run has {data_layout}: the '
-            f'data order can only continue with the same number of processes and '
-            f'config.data.worker_count')
       if check_meta is not None:
         check_meta(step, meta)
     saved_digests = meta.get('digests', {})
@@ -455,11 +448,10 @@ class TrainCheckpointer:
     if complete:
       opt = restore_item('opt', ocp.args.StandardRestore(_abstract(opt_state)))
       _verify(opt, saved_digests.get('opt', {}), where, 'opt')
-      restore_item('data', grain.checkpoint.CheckpointRestore(data_iterator))
     return variables, opt, meta
 
-  def restore_newest_intact(self, variables: nnx.State, opt_state, data_iterator,
-                            data_layout: dict, check_meta: Callable[[int, dict], None] | None = None
+  def restore_newest_intact(self, variables: nnx.State, opt_state,
+                            check_meta: Callable[[int, dict], None] | None = None
                             ) -> Restored | None:
     """`restore` of the newest checkpoint that reads back intact; None when there is none.
 
@@ -472,7 +464,7 @@ class TrainCheckpointer:
     for step in sorted(self._manager.all_steps(), reverse=True):
       reason = None
       try:
-        result = self.restore(step, variables, opt_state, data_iterator, data_layout, check_meta)
+        result = self.restore(step, variables, opt_state, check_meta)
       except DamagedCheckpoint as error:
         reason = str(error)
       if _all_processes_agree(reason is None):

@@ -63,8 +63,8 @@ def validate(config) -> None:
 
 
 # Keys a resumed run may change freely: how often it logs, saves and evaluates, where the
-# prepared data lives, how the loader is parallelized (the data order is checked by its own
-# layout check), how evaluation runs, and the pretrained file and its format (read only by
+# prepared data lives, how the loader is parallelized (the batches do not depend on it),
+# how evaluation runs, and the pretrained file and its format (read only by
 # a fresh run).
 # Every other key changes what the run computes.
 RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_every',

@@ -7,9 +7,11 @@ donated. BatchNorm therefore normalizes over the global batch (synchronized
 BatchNorm) without any collective written here.
 
 Time is counted in steps. The k-th step (0-based) uses the learning rate of
-`optim.poly_schedule` at k and the dropout key fold_in(seed, k); together with
-the Grain iterator state in the checkpoint this makes a restarted run take
-exactly the steps an uninterrupted one would, bit for bit on the same mesh.
+`optim.poly_schedule` at k and the dropout key fold_in(seed, k), and global
+batch k is a function of (seed, k) (`pipeline.train_batches`): a restarted run
+takes exactly the steps an uninterrupted one would, bit for bit on the same
+mesh, and on another number of hosts, devices or data workers up to the
+reduction order of the sums.
 
 A step whose loss or gradient is not finite is skipped as a whole (parameters,
 optimizer state and BatchNorm statistics keep their old values, the learning
@@ -186,9 +188,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   mesh = sharding.make_mesh()
   local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
-  num_steps = num_train_steps(config, pipeline.num_examples(config, config.data.train_split))
-  data_iterator = iter(pipeline.train_loader(config))
-  data_layout = {'processes': jax.process_count(), 'worker_count': config.data.worker_count}
+  num_examples = pipeline.num_examples(config, config.data.train_split)
+  num_steps = num_train_steps(config, num_examples)
 
   tx = optim.create_optimizer(config.optim, num_steps)
   graphdef, eval_graphdef = train_state.graphdefs(config)
@@ -204,12 +205,16 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       raise ValueError(f'{where}: {error}') from None
     if changes:
       logging.warning('resuming %s with config changes: %s', where, '; '.join(changes))
+    if meta.get('num_train_examples') != num_examples:
+      # (None: a checkpoint of a version whose data order was not a function of the step.)
+      logging.warning('checkpoint %d was written by a run over %s training examples; this one '
+                      'has %d, so the order of the examples from here on differs from that '
+                      'run\'s', step, meta.get('num_train_examples'), num_examples)
     if meta.get('num_steps') != num_steps:
       logging.warning('checkpoint %d was written by a run of %s steps; this one has %d, so the '
                       'learning-rate schedule changes', step, meta.get('num_steps'), num_steps)
 
-  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer, data_iterator,
-                                            data_layout, check_config)
+  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer, check_config)
   if resumed is None:
     state = train_state.init_train_state(config, tx, mesh)
   else:
@@ -249,14 +254,15 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   consecutive_nonfinite = 0
   window_start = time.perf_counter()
   results = {}
+  data_iterator = pipeline.train_batches(config, step, num_steps)
 
   def checkpoint_meta(step):
     return {'step': step, 'num_steps': num_steps, 'nonfinite_steps': nonfinite_total,
-            'data_layout': data_layout, 'config': json.loads(config.to_json())}
+            'num_train_examples': num_examples, 'config': json.loads(config.to_json())}
 
   def save(step, eval_metrics=None):
-    checkpointer.save(step, *train_state.checkpoint_items(state), data_iterator,
-                      checkpoint_meta(step), metrics=eval_metrics)
+    checkpointer.save(step, *train_state.checkpoint_items(state), checkpoint_meta(step),
+                      metrics=eval_metrics)
 
   def account(step, step_metrics):
     """Host side of one finished step: the non-finite count and the stop rule."""
@@ -335,6 +341,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       if config.eval.at_end_of_training:
         _final_evaluation(config, workdir, mesh, eval_graphdef, state, writer, names)
   finally:
+    data_iterator.close()
     checkpointer.close()
     writer.close()
   return results if step == num_steps else {}

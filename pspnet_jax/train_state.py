@@ -110,18 +110,16 @@ class Resumed(NamedTuple):
 
 
 def restore_train_state(config, tx: optax.GradientTransformation, mesh,
-                        checkpointer: checkpoint.TrainCheckpointer, data_iterator,
-                        data_layout: dict, check_meta=None) -> Resumed | None:
+                        checkpointer: checkpoint.TrainCheckpointer,
+                        check_meta=None) -> Resumed | None:
   """The train state of the newest intact checkpoint, restored into its shardings on `mesh`.
 
   None when the workdir has no checkpoint. A weights-only checkpoint (an
-  import) starts the optimizer and the step count afresh; `data_iterator` is
-  advanced in place to where the run stopped. `check_meta(step, meta)` sees a
+  import) starts the optimizer and the step count afresh. `check_meta(step, meta)` sees a
   training checkpoint's meta before any array is read.
   """
   abstract = abstract_train_state(config, tx, mesh)
-  restored = checkpointer.restore_newest_intact(*checkpoint_items(abstract), data_iterator,
-                                                data_layout, check_meta)
+  restored = checkpointer.restore_newest_intact(*checkpoint_items(abstract), check_meta)
   if restored is None:
     return None
   params, batch_stats = nnx.split_state(restored.variables, nnx.Param, nnx.BatchStat)

@@ -1,5 +1,5 @@
-"""Test setup: 8 CPU devices (set before JAX starts), the tests folder importable, and a
-compilation cache.
+"""Test setup: 8 CPU devices (set before JAX starts), the tests folder importable, a
+compilation cache, and the uninterrupted demo run that the resume tests compare with.
 
 Many tests compile the very same programs (the demo's train step in several
 whole runs, 1-device and 8-device steps of one model), and on 2 cores each
@@ -20,3 +20,16 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(_REPO, '.pytest_cache', 'jax_compilation_cache'))
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # pylint: disable=wrong-import-position  (after the environment is set)
+
+
+@pytest.fixture(scope='session')
+def straight_run(tmp_path_factory):
+  """(data dir, workdir) of the uninterrupted resume run (`demo_runs.straight_resume_run`),
+  which test_resume and test_multihost both compare their interrupted runs with."""
+  import demo_runs  # pylint: disable=import-outside-toplevel  (imports JAX)
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  demo_runs.straight_resume_run(workdir, data_dir)
+  return data_dir, workdir

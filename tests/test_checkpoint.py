@@ -10,54 +10,33 @@ from flax import nnx
 from pspnet_jax import checkpoint
 
 
-LAYOUT = {'processes': 1, 'worker_count': 0}
-
-
-class CountingIterator:
-  """Stands in for a Grain iterator: its state is how many batches it gave."""
-
-  def __init__(self):
-    self.count = 0
-
-  def get_state(self) -> bytes:
-    return str(self.count).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self.count = int(state.decode())
-
-  def start_prefetch(self) -> None:
-    """Grain's checkpoint handler calls this after set_state; nothing to prefetch here."""
+def training_meta(step):
+  """The meta of a training checkpoint (num_steps marks one)."""
+  return {'step': step, checkpoint.TRAINING_META_KEY: 10}
 
 
 def test_latest_and_best_are_kept(tmp_path):
   checkpointer = checkpoint.TrainCheckpointer(str(tmp_path))
-  iterator = CountingIterator()
   variables = nnx.State({'w': nnx.Param(jnp.zeros(3))})
-  layout = LAYOUT
   evals = {2: 0.5, 4: 0.3, 6: 0.4}   # step -> eval mIoU; the other steps have no eval
   for step in range(1, 8):
-    iterator.count = step
     variables['w'].set_value(jnp.full(3, float(step)))
     metrics = {checkpoint.BEST_METRIC: evals[step]} if step in evals else None
-    checkpointer.save(step, variables, {'count': jnp.array(step)}, iterator,
-                      {'step': step, 'data_layout': layout}, metrics=metrics)
+    checkpointer.save(step, variables, {'count': jnp.array(step)}, training_meta(step),
+                      metrics=metrics)
     checkpointer.wait_until_finished()
   assert checkpoint.all_steps(str(tmp_path)) == [2, 6, 7]
 
-  restored_iterator = CountingIterator()
-  restored, opt_item, meta = checkpointer.restore(2, variables, {'count': jnp.array(0)},
-                                                  restored_iterator, layout)
+  restored, opt_item, meta = checkpointer.restore(2, variables, {'count': jnp.array(0)})
   checkpointer.close()
-  assert meta['step'] == 2 and int(opt_item['count']) == 2 and restored_iterator.count == 2
+  assert meta['step'] == 2 and int(opt_item['count']) == 2
   assert restored['w'].get_value().tolist() == [2.0, 2.0, 2.0]
 
 
 def _save(checkpointer, step, value, metrics=None):
   variables = nnx.State({'w': nnx.Param(jnp.full(3, float(value)))})
-  iterator = CountingIterator()
-  iterator.count = step
-  checkpointer.save(step, variables, {'count': jnp.array(step)}, iterator,
-                    {'step': step, 'data_layout': LAYOUT}, metrics=metrics)
+  checkpointer.save(step, variables, {'count': jnp.array(step)}, training_meta(step),
+                    metrics=metrics)
   checkpointer.wait_until_finished()
 
 
@@ -93,7 +72,7 @@ def test_a_training_checkpoint_missing_an_item_is_damaged_not_an_import(tmp_path
   shutil.rmtree(tmp_path / 'checkpoints' / '5' / 'opt')
   variables = nnx.State({'w': nnx.Param(jnp.zeros(3))})
   with pytest.raises(ValueError, match=r'checkpoints/5 is damaged: .* has no opt item'):
-    checkpointer.restore(5, variables, {'count': jnp.array(0)}, CountingIterator(), LAYOUT)
+    checkpointer.restore(5, variables, {'count': jnp.array(0)})
   checkpointer.close()
 
 
@@ -102,9 +81,7 @@ def test_an_imported_checkpoint_restores_as_weights_only(tmp_path):
   checkpoint.save_model(str(tmp_path), 0, variables, {'source': 'train_epoch_100.pth',
                                                       'format': 'semseg'})
   checkpointer = checkpoint.TrainCheckpointer(str(tmp_path))
-  iterator = CountingIterator()
-  restored, opt_item, meta = checkpointer.restore(0, variables, {'count': jnp.array(0)}, iterator,
-                                                  LAYOUT)
+  restored, opt_item, meta = checkpointer.restore(0, variables, {'count': jnp.array(0)})
   checkpointer.close()
-  assert opt_item is None and meta['format'] == 'semseg' and iterator.count == 0
+  assert opt_item is None and meta['format'] == 'semseg'
   assert restored['w'].get_value().tolist() == [7.0, 7.0, 7.0]

@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from demo_runs import REPO, main_command
+from demo_runs import REPO, RESUME_OVERRIDES, main_command
 from pspnet_jax import checkpoint, sharding
-from test_checkpoint import LAYOUT, CountingIterator
-from test_resume import OVERRIDES
+from test_checkpoint import training_meta
 
 # Enough values that the model's array file is large and incompressible (random floats).
 SIZE = 50_000
@@ -38,10 +37,7 @@ def variables_of(step: int) -> nnx.State:
 
 
 def save(checkpointer, step):
-  iterator = CountingIterator()
-  iterator.count = step
-  checkpointer.save(step, variables_of(step), {'count': jnp.array(step)}, iterator,
-                    {'step': step, 'data_layout': LAYOUT})
+  checkpointer.save(step, variables_of(step), {'count': jnp.array(step)}, training_meta(step))
   checkpointer.wait_until_finished()
 
 
@@ -87,26 +83,18 @@ def delete_optimizer_item(step_dir):
   shutil.rmtree(os.path.join(step_dir, 'opt'))
 
 
-def garbage_data_state(step_dir):
-  with open(os.path.join(step_dir, 'data', 'process_0-of-1.json'), 'w', encoding='utf-8') as f:
-    f.write('{"count": ')
-
-
 DAMAGES = {  # fault -> the item the report must name
     flip_bytes: 'model', truncate_array_file: 'model', delete_array_file: 'model',
     delete_manifest: 'model', garbage_array_metadata: 'model', garbage_meta_item: 'meta',
-    delete_optimizer_item: 'opt', garbage_data_state: 'data'}
+    delete_optimizer_item: 'opt'}
 
 
 def restore_newest(workdir):
   checkpointer = checkpoint.TrainCheckpointer(workdir)
-  iterator = CountingIterator()
   try:
-    restored = checkpointer.restore_newest_intact(variables_of(0), {'count': jnp.array(0)},
-                                                  iterator, LAYOUT)
+    return checkpointer.restore_newest_intact(variables_of(0), {'count': jnp.array(0)})
   finally:
     checkpointer.close()
-  return restored, iterator
 
 
 @pytest.mark.parametrize('damage', DAMAGES, ids=lambda damage: damage.__name__)
@@ -119,8 +107,8 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_used(tmp_path, dama
   damage(os.path.join(checkpoint.checkpoint_dir(workdir), '2'))
 
   with caplog.at_level(logging.ERROR):
-    restored, iterator = restore_newest(workdir)
-  assert restored.step == 1 and iterator.count == 1 and int(restored.opt_state['count']) == 1
+    restored = restore_newest(workdir)
+  assert restored.step == 1 and int(restored.opt_state['count']) == 1
   np.testing.assert_array_equal(restored.variables['w'].get_value(),
                                 variables_of(1)['w'].get_value())
   reports = [record.getMessage() for record in caplog.records]
@@ -134,7 +122,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_used(tmp_path, dama
   save(checkpointer, 2)
   checkpointer.close()
   assert checkpoint.all_steps(workdir) == [1, 2]
-  assert restore_newest(workdir)[0].step == 2
+  assert restore_newest(workdir).step == 2
 
 
 def test_when_every_checkpoint_is_damaged_the_run_stops_and_moves_nothing(tmp_path):
@@ -238,7 +226,7 @@ def test_a_failed_save_stops_at_once_naming_the_path_and_keeps_the_previous(tmp_
   assert f'checkpoint 2 could not be written to {checkpoint.checkpoint_dir(workdir)}: ' \
          f'{reason}' in report and 'the latest checkpoint is still step 1' in report, report
   os.chmod(checkpoint.checkpoint_dir(workdir), 0o755)
-  restored, _ = restore_newest(workdir)
+  restored = restore_newest(workdir)
   assert restored.step == 1
   # The half-written step is not listed, and its temporary folder is gone at the next start.
   assert os.listdir(checkpoint.checkpoint_dir(workdir)) == ['1']
@@ -254,7 +242,7 @@ def data_dir(tmp_path_factory):
 def test_a_signal_while_the_run_starts_ends_it_cleanly(tmp_path, data_dir, signum):
   """Sent when JAX has started, before the step has compiled: exit 0, nothing half-written."""
   workdir = str(tmp_path / 'run')
-  process = subprocess.Popen(main_command(workdir, data_dir, OVERRIDES), cwd=REPO,
+  process = subprocess.Popen(main_command(workdir, data_dir, RESUME_OVERRIDES), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lines = []
   for line in process.stderr:

@@ -10,9 +10,8 @@ from configs import default
 from pspnet_jax import checkpoint, optim, sharding, train_state, weights
 from pspnet_jax.models import create_model
 from pspnet_jax.torch_reference import ResNet as TorchResNet
-from test_checkpoint import CountingIterator
+from test_checkpoint import training_meta
 
-LAYOUT = {'processes': 1, 'worker_count': 0}
 
 
 def small_config(**model):
@@ -71,14 +70,12 @@ def test_pretrained_backbone_is_read_by_a_fresh_run_only(tmp_path, monkeypatch):
                              weights.to_torch_state_dict(random_init)['cls.4.weight'], rtol=1e-6)
 
   checkpointer = checkpoint.TrainCheckpointer(str(tmp_path / 'run'))
-  checkpointer.save(3, *train_state.checkpoint_items(state), CountingIterator(),
-                    {'step': 3, 'data_layout': LAYOUT})
+  checkpointer.save(3, *train_state.checkpoint_items(state), training_meta(3))
   checkpointer.wait_until_finished()
   # A resumed run must not need the file: gone, and any read of weights fails loudly.
   (tmp_path / 'resnet18_imagenet.safetensors').unlink()
   monkeypatch.setattr(weights, 'read_tensors', lambda *args: pytest.fail('read a weights file'))
-  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer, CountingIterator(),
-                                            LAYOUT)
+  resumed = train_state.restore_train_state(config, tx, mesh, checkpointer)
   checkpointer.close()
   restored = resumed.state
   assert resumed.has_optimizer and resumed.step == 3 and resumed.meta['step'] == 3

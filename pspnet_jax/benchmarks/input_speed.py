@@ -1,6 +1,6 @@
 """How fast the input pipeline delivers augmented images, beside semseg's way on the same files.
 
-`measure_input`: augmented images per second out of `pipeline.train_loader`
+`measure_input`: augmented images per second out of `pipeline.train_batches`
 (the config's augmentation, data.worker_count, batches of `batch_size`) over
 `steps` batches, after a warm-up that drains what the loader prepared while it
 started; also per CPU second, counting this process's threads and its Grain
@@ -49,17 +49,18 @@ def _measure_loader(config, batch_size: int, steps: int, semseg_pairs) -> dict:
   configuration.validate(config)
   config.train.batch_size = batch_size
   workers = config.data.worker_count
-  # TFDS announces a dataset build on stdout, where the JSON line must stand alone.
-  with contextlib.redirect_stdout(sys.stderr):
-    iterator = iter(pipeline.train_loader(config))
   # A few batches to start up, plus the data.prefetch batches each worker may
   # have buffered while the first was awaited: those would inflate the rate.
-  for _ in range(_INPUT_WARMUP_BATCHES + workers * config.data.prefetch):
+  warmup = _INPUT_WARMUP_BATCHES + workers * config.data.prefetch
+  # TFDS announces a dataset build on stdout, where the JSON line must stand alone.
+  with contextlib.redirect_stdout(sys.stderr):
+    iterator = pipeline.train_batches(config, 0, warmup + steps)
+  for _ in range(warmup):
     next(iterator)
   seconds, cpu_seconds = wall_and_cpu_seconds(lambda: next(iterator), steps)
   images = steps * batch_size
-  # Per CPU second, not per worker: in this process Grain's reader threads
-  # decode beside the main thread, and OpenCV runs threads of its own.
+  # Per CPU second, not per worker: in this process Grain's threads prepare
+  # batches beside the main thread, and OpenCV runs threads of its own.
   result = {'what': 'input', 'dataset': config.data.name, 'size': config.data.crop_size,
             'batch_size': batch_size, 'worker_count': workers, 'steps': steps,
             'seconds_per_batch': round(seconds / steps, 4),

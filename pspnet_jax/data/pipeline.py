@@ -1,16 +1,13 @@
 """Host batches from TFDS ArrayRecord splits: Grain for training, a plain iterator for evaluation.
 
-Training (`train_loader`): a Grain `DataLoader` over the random-access TFDS
-source. Each process reads its own 1/P of the split (drop_remainder, so all
-processes take the same number of steps), reshuffled every epoch, repeated
-forever; each record is decoded, checked, augmented with a generator seeded
-from (config.seed, the record's global position), so every augmented
-example is a function of the seed alone, whatever data.worker_count is. Which
-examples share a batch does depend on the worker count (Grain deals records to
-workers round-robin and each worker batches its own), and so does the
-iterator's state (a few bytes of JSON, saved in the checkpoint): a run resumes
-its exact batches with the same worker count and number of processes, and
-Grain refuses a state saved with another worker count.
+Training (`train_batches`): global batch k is a pure function of (config.seed,
+k). Each epoch visits the split in a permutation drawn from the seed and the
+epoch; each row is decoded, checked and augmented with a generator seeded from
+(seed, k, row). Each process computes its own rows of the global batch by
+index, in Grain threads or worker processes that return batches in order.
+So the data position of a run is its step: a run resumes on another number
+of processes, devices or Grain workers with exactly the batches an
+uninterrupted run would have seen, and checkpoints hold no data state.
 
 Evaluation (`eval_batches`): every example exactly once over all processes,
 each process a contiguous slice, padded with ignored examples (`valid`
@@ -29,10 +26,8 @@ import numpy as np
 
 from pspnet_jax.data import labels, registry, transforms
 
-# Grain reads (and TFDS decodes) records in threads ahead of the transforms; its
-# default of 500 records in flight is gigabytes of decoded Cityscapes images per
-# worker, a few batches are enough to hide the decode.
-_READ_THREADS = 4
+# Batches prepared ahead of the step, each by its own thread (Grain's default of
+# hundreds of elements in flight would be gigabytes of decoded images).
 _READ_AHEAD_BATCHES = 2
 
 
@@ -90,18 +85,6 @@ class DecodeAndCheck(grain.transforms.Map):
     return {'image': image, 'label': label.astype(np.uint8), 'file_name': file_name}
 
 
-class TrainAugment(grain.transforms.RandomMap):
-  """The configured training augmentation with the record's generator -> normalized crop, int32
-  label."""
-
-  def __init__(self, config):
-    self.config = config
-
-  def random_map(self, example, rng: np.random.Generator):
-    image, label = transforms.train_augment(example['image'], example['label'], rng, self.config)
-    return {'image': image, 'label': label.astype(np.int32)}
-
-
 def _processes(process_index, process_count):
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -117,38 +100,93 @@ def _per_process_batch(batch_size: int, process_count: int, key: str) -> int:
   return batch_size // process_count
 
 
-def train_loader(config, *, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.DataLoader:
-  """Endless shuffled, augmented batches of this process's shard of data.train_split.
+class GlobalOrder:
+  """Which example fills each row of each global batch: a pure function of (seed, step, row).
 
-  Each batch: {'image': float32 (b, crop, crop, 3) normalized, 'label': int32
-  (b, crop, crop)}, b = train.batch_size / process_count. `iter()` of the
-  loader gives an iterator with get_state() / set_state().
+  Epoch e covers steps [e*S, (e+1)*S), S = N // B (the last N mod B examples
+  of its permutation left out, as semseg's drop_last), and visits the N
+  examples in a permutation drawn from (seed, e): global batch k holds
+  positions [(k mod S)*B, (k mod S + 1)*B) of its epoch's permutation.
+  """
+
+  def __init__(self, num_examples: int, global_batch: int, seed: int):
+    if num_examples < global_batch:
+      raise ValueError(f'config.train.batch_size={global_batch} is larger than the '
+                       f'{num_examples} training examples')
+    self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+    self.steps_per_epoch = num_examples // global_batch
+    self._epoch, self._permutation = None, None   # the last epoch's, reused by its S batches
+
+  def records(self, step: int, rows: range) -> np.ndarray:
+    """The record indices of `rows` of global batch `step`."""
+    epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, _ORDER_STREAM, epoch])
+      self._epoch, self._permutation = epoch, rng.permutation(self.num_examples)
+    first = batch_in_epoch * self.global_batch
+    return self._permutation[first + rows.start:first + rows.stop]
+
+
+# Separate seed streams for the example order and the augmentation, so that no
+# (seed, epoch) of one coincides with a (seed, step, row) of the other.
+_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+
+
+class ProcessRows:
+  """Global batch number -> this process's rows of it, decoded, checked and augmented.
+
+  Row r of global batch k is augmented with a generator seeded from
+  (seed, k, r), so it is the same whichever process computes it.
+  """
+
+  def __init__(self, config, source, order: GlobalOrder, rows: range):
+    self.config, self.source, self.order, self.rows = config, source, order, rows
+    self.check = DecodeAndCheck(config.data.num_classes, config.data.ignore_label)
+
+  def __call__(self, step: int) -> dict:
+    images, labels = [], []
+    for row, record in zip(self.rows, self.order.records(step, self.rows)):
+      example = self.check.map(self.source[int(record)])
+      rng = np.random.default_rng([self.config.seed, _AUGMENT_STREAM, step, row])
+      image, label = transforms.train_augment(example['image'], example['label'], rng,
+                                              self.config)
+      images.append(image)
+      labels.append(label)
+    return {'image': np.stack(images), 'label': np.stack(labels).astype(np.int32)}
+
+
+def train_batches(config, first_step: int, num_steps: int, *, process_index: int | None = None,
+                  process_count: int | None = None):
+  """This process's rows of the global training batches first_step, ..., num_steps - 1.
+
+  Each item: {'image': float32 (b, crop, crop, 3) normalized, 'label': int32
+  (b, crop, crop)}, rows [p*b, (p+1)*b) of the global batch of
+  train.batch_size, b = train.batch_size / process_count. Global batch k is a
+  function of (config.seed, k) alone (`GlobalOrder`, `ProcessRows`): a run
+  resumes at its step on any number of processes, devices or Grain workers
+  with the same batches, and nothing about the data goes into a checkpoint.
   """
   process_index, process_count = _processes(process_index, process_count)
-  batch_size = _per_process_batch(config.train.batch_size, process_count, 'train.batch_size')
+  rows_per_process = _per_process_batch(config.train.batch_size, process_count,
+                                        'train.batch_size')
   if config.data.worker_count > 0 and not flags.FLAGS.is_parsed():
     # Grain's worker processes read absl flags: outside an absl app (pytest, a
     # notebook) they would fail with UnparsedFlagAccessError; take the defaults.
     flags.FLAGS.mark_as_parsed()
   source = load_split(config, config.data.train_split)
-  if len(source) < process_count:
-    raise ValueError(f'{config.data.train_split} of {config.data.name!r} has {len(source)} '
-                     f'examples, fewer than the {process_count} processes')
-  # The same options go to the sampler (which shard's records, shuffled per
-  # epoch) and to the loader (which of the sampler's positions this process reads).
-  shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard_options, shuffle=True,
-                                        num_epochs=None, seed=config.seed)
-  operations = [DecodeAndCheck(config.data.num_classes, config.data.ignore_label),
-                TrainAugment(config),
-                grain.transforms.Batch(batch_size, drop_remainder=True)]
-  return grain.DataLoader(
-      data_source=source, sampler=sampler, operations=operations,
-      worker_count=config.data.worker_count, worker_buffer_size=config.data.prefetch,
-      shard_options=shard_options,
-      read_options=grain.ReadOptions(num_threads=_READ_THREADS,
-                                     prefetch_buffer_size=_READ_AHEAD_BATCHES * batch_size))
+  order = GlobalOrder(len(source), config.train.batch_size, config.seed)
+  rows = range(process_index * rows_per_process, (process_index + 1) * rows_per_process)
+  batches = grain.MapDataset.range(first_step, num_steps).map(
+      ProcessRows(config, source, order, rows))
+  # Threads prepare the next batches while the step runs; Grain's worker
+  # processes, when configured, each take every W-th batch and hand them back
+  # in order, so the sequence is the same for any worker count.
+  batches = batches.to_iter_dataset(grain.ReadOptions(
+      num_threads=_READ_AHEAD_BATCHES, prefetch_buffer_size=_READ_AHEAD_BATCHES))
+  if config.data.worker_count > 0:
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch))
+  return iter(batches)
 
 
 def eval_examples(config, split: str, *, process_index: int | None = None,
