@@ -122,6 +122,8 @@ ssh_all() {
 
 setup() {
   local commit archive name version fetch=""
+  [[ $CODE_TRANSFER == bucket || $CODE_TRANSFER == scp ]] ||
+    die "CODE_TRANSFER=$CODE_TRANSFER: use bucket or scp"
   version=$(jax_version)
   commit=$(git rev-parse --short=12 --verify "$COMMIT^{commit}")
   if [[ -n $(git status --porcelain --untracked-files=no) ]]; then
@@ -130,17 +132,17 @@ setup() {
   name=pspnet_jax-$commit.tar.gz
   archive=${TMPDIR:-/tmp}/$name
   run git archive --format=tar.gz --output="$archive" "$commit"
+  # The archive lands in each worker's home (a new worker has no other folder yet).
   case $CODE_TRANSFER in
     bucket)
       run gcloud storage cp "$archive" "$CODE_URL/$name"
-      fetch="gcloud storage cp $(quote "$CODE_URL/$name") $name && " ;;
+      fetch="gcloud storage cp $(quote "$CODE_URL/$name") ~/$name && " ;;
     scp)
-      run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:$REMOTE_ROOT/$name" \
-        "${GCLOUD_LOCATION[@]}" --worker=all ;;
-    *) die "CODE_TRANSFER=$CODE_TRANSFER: use bucket or scp" ;;
+      run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:$name" "${GCLOUD_LOCATION[@]}" \
+        --worker=all ;;
   esac
-  ssh_all "mkdir -p $REMOTE_ROOT && cd $REMOTE_ROOT && ${fetch}rm -rf code && mkdir code && \
-tar -xzf $name -C code && rm $name && \
+  ssh_all "${fetch}mkdir -p $REMOTE_ROOT && cd $REMOTE_ROOT && rm -rf code && mkdir code && \
+tar -xzf ~/$name -C code && rm ~/$name && \
 bash code/launch/tpu_worker.sh setup $(quote "$version") $(quote "$PYTHON_VERSION")"
 }
 
