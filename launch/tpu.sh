@@ -210,7 +210,7 @@ logs() {
 #       setup, train (the same command resumes from the last checkpoint in the workdir)
 #   ready, no run started yet -> train
 #   ready, a worker's result `stopped` (SIGTERM, maintenance) -> train again
-#   ready, worker 0's result `done` -> finished, exit 0
+#   ready, worker 0's result `done` -> finished, exit 0 (DELETE_WHEN_DONE=1: delete the slice)
 #   ready, a worker's result `failed` -> exit 1: a bug or bad data, not a preemption; read the logs
 #   anything else (queued, provisioning, running) -> look again in WATCH_INTERVAL seconds
 # Recreations and restarts together are capped by MAX_RECREATIONS (then exit 1).
@@ -220,7 +220,7 @@ watch() {
     recover "$(slice_state)"
     return
   fi
-  local state url results status restarts=0
+  local state url results restarts=0
   while true; do
     if ! state=$(slice_state); then
       log "could not read the state of $TPU_NAME; next look in ${WATCH_INTERVAL}s"
@@ -234,9 +234,12 @@ watch() {
         [[ -n $url ]] && results=$(run_results "$url")
         if [[ -z $url ]]; then
           log "$TPU_NAME is $state and no run was started: starting one"
-          train
+          attempt train
         elif grep -q '^0 done ' <<< "$results"; then
           log "finished: worker 0 trained to the end (logs in $url)"
+          if [[ $DELETE_WHEN_DONE == 1 ]]; then
+            delete
+          fi
           return 0
         elif grep -q ' failed ' <<< "$results"; then
           log "the run failed, not preempted:"
@@ -246,7 +249,7 @@ watch() {
           count_restart "$restarts"
           restarts=$((restarts + 1))
           log "the run was stopped (checkpoint saved): starting it again"
-          train
+          attempt train
         else
           log "$TPU_NAME is $state, the run is going; next look in ${WATCH_INTERVAL}s"
           sleep "$WATCH_INTERVAL"
@@ -256,13 +259,7 @@ watch() {
         count_restart "$restarts"
         restarts=$((restarts + 1))
         log "$TPU_NAME is $state: recreating it"
-        # A subshell with its own errexit: a failing step ends this attempt, not the watch
-        # (inside `recover || ...` bash would ignore errexit altogether).
-        set +e
-        (set -e; recover "$state")
-        status=$?
-        set -e
-        (( status == 0 )) || log "the recovery stopped (exit $status); looking again"
+        attempt recover "$state"
         ;;
       *)
         log "$TPU_NAME is $state; next look in ${WATCH_INTERVAL}s"
@@ -270,6 +267,18 @@ watch() {
         ;;
     esac
   done
+}
+
+# Runs "$@" in a subshell with its own errexit: a failing step (the slice went away during
+# setup, an ssh error) ends this attempt, not the watch; the next look decides again.
+# (Called as `"$@" || ...`, bash would ignore errexit inside altogether.)
+attempt() {
+  local status
+  set +e
+  (set -e; "$@")
+  status=$?
+  set -e
+  (( status == 0 )) || log "$1 stopped (exit $status); looking again"
 }
 
 count_restart() {

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -155,9 +156,13 @@ def test_tpu_dry_run_matches_golden(stubs, name):
   result = stubs.run([str(LAUNCH / 'tpu.sh'), *args], DRY_RUN=1, **settings)
   assert result.stdout.splitlines() == expand(golden(name))
   assert stubs.calls() == [], 'a dry run ran something'
-  # --dry-run is the same as DRY_RUN=1.
-  again = stubs.run([str(LAUNCH / 'tpu.sh'), '--dry-run', *args], **settings)
-  assert again.stdout == result.stdout
+
+
+def test_dry_run_flag_is_the_same_as_the_variable(stubs):
+  for script, command in (('tpu.sh', 'watch'), ('gpu.sh', 'submit')):
+    flag = stubs.run([str(LAUNCH / script), '--dry-run', command]).stdout
+    assert flag and flag == stubs.run([str(LAUNCH / script), command], DRY_RUN=1).stdout
+  assert stubs.calls() == []
 
 
 # Subcommands without a decision inside: the real run makes exactly the dry run's calls.
@@ -232,6 +237,33 @@ def test_watch_starts_restarts_recreates_and_ends_when_done(stubs):
   result = stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], WATCH_INTERVAL=7)
   assert stubs.calls() == expand(golden('tpu_watch_calls.txt'))
   assert 'finished: worker 0 trained to the end' in result.stderr
+
+
+def test_watch_can_delete_the_slice_when_done(stubs):
+  stubs.respond({
+      'gcloud compute tpus queued-resources describe': [{'out': 'ACTIVE\n'}],
+      'gcloud storage ls': [{'out': 'gs://my-bucket/logs/pspnet/20261123-200000/\n'}],
+      'gcloud storage cat': [{'out': '0 done 0\n'}]})
+  stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], DELETE_WHEN_DONE=1)
+  assert stubs.calls()[-1] == golden('tpu_delete.txt')[0]
+
+
+def test_watch_survives_a_failing_step(stubs):
+  """The slice goes away between the state query and the restart: the ssh fails, the watch
+  goes on, sees the preemption and recreates."""
+  stubs.respond({
+      'gcloud compute tpus queued-resources describe': [
+          {'out': 'ACTIVE\n'}, {'out': 'SUSPENDED\n'}, {'out': 'ACTIVE\n'}],
+      'gcloud storage ls': [{'out': 'gs://my-bucket/logs/pspnet/20261123-200000/\n'}],
+      'gcloud storage cat': [{'out': '0 stopped 0\n'}, {'out': '0 done 0\n'}],
+      'gcloud compute tpus tpu-vm ssh': [{'rc': 255, 'err': 'ssh: connection refused\n'},
+                                         {'rc': 0}]})
+  result = stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], WATCH_INTERVAL=0)
+  assert 'train stopped (exit 255); looking again' in result.stderr
+  assert 'pspnet is SUSPENDED: recreating it' in result.stderr
+  assert [call.split()[4] for call in stubs.calls() if call.startswith('gcloud compute tpus')
+          ] == ['describe', 'ssh', 'describe', 'delete', 'create', 'describe', 'ssh', 'ssh',
+                'describe']
 
 
 def test_watch_stops_when_the_run_fails(stubs):
@@ -443,10 +475,11 @@ def readme_walkthroughs() -> list[tuple[str, list[str]]]:
   `$ ` line is a command, the lines up to the next `$ ` its output."""
   text = (REPO / 'README.md').read_text()
   start = text.index('## Train on a Cloud TPU pod')
-  end = text.index('\n## ', text.index('## Train on a GPU cluster'))
+  end = text.find('\n## ', text.index('## Train on a GPU cluster'))
+  end = len(text) if end < 0 else end
   examples = []
   for block in re.findall(r'```console\n(.*?)```', text[start:end], re.S):
-    for line in block.splitlines():
+    for line in textwrap.dedent(block).splitlines():
       if line.startswith('$ '):
         examples.append((line[2:], []))
       else:
