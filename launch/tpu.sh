@@ -209,7 +209,7 @@ logs() {
 #   slice gone, PREEMPTED, SUSPENDED, FAILED, TERMINATED, STOPPED -> delete what is left, create,
 #       setup, train (the same command resumes from the last checkpoint in the workdir)
 #   ready, no run started yet -> train
-#   ready, a worker's result `stopped` (SIGTERM, maintenance) -> train again
+#   ready, a worker's result `stopped` or `killed` (SIGTERM, maintenance, OOM) -> train again
 #   ready, worker 0's result `done` -> finished, exit 0 (DELETE_WHEN_DONE=1: delete the slice)
 #   ready, a worker's result `failed` -> exit 1: a bug or bad data, not a preemption; read the logs
 #   anything else (queued, provisioning, running) -> look again in WATCH_INTERVAL seconds
@@ -245,10 +245,10 @@ watch() {
           log "the run failed, not preempted:"
           printf '%s\n' "$results" >&2
           die "see the logs in $url (launch/tpu.sh logs all)"
-        elif grep -q ' stopped ' <<< "$results"; then
+        elif grep -qE ' (stopped|killed) ' <<< "$results"; then
           count_restart "$restarts"
           restarts=$((restarts + 1))
-          log "the run was stopped (checkpoint saved): starting it again"
+          log "the run was stopped or killed: starting it again (it resumes)"
           attempt train
         else
           log "$TPU_NAME is $state, the run is going; next look in ${WATCH_INTERVAL}s"

@@ -16,8 +16,10 @@
 #
 # The result line, LOG_URL/worker-<n>.result, is `<n> done 0` (trained to the end),
 # `<n> stopped 0` (stopped on request: SIGTERM, preemption notice; the checkpoint is saved and
-# the same command resumes) or `<n> failed <exit status>`. The training command exits 0 in both
-# of the first two cases, so the log line "stopped ... on request" tells them apart.
+# the same command resumes), `<n> killed <exit status>` (killed by a signal it could not handle:
+# the VM going down, the OOM killer) or `<n> failed <exit status>` (the command failed). The
+# training command exits 0 in the first two cases, so the log line "stopped ... on request"
+# tells them apart.
 # DRY_RUN=1 prints the commands instead of running them (process ids as PYTHON_PID / RUN_PID).
 set -euo pipefail
 
@@ -106,7 +108,12 @@ run_training() {
   local worker status result syncer
   worker=$(worker_number)
   echo "$$" > "$ROOT/run.pid"
-  (while sleep "$LOG_SYNC_SECONDS"; do
+  # The copier's sleep is killed with it (no stray process keeps the session alive).
+  (trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+   while true; do
+     sleep "$LOG_SYNC_SECONDS" &
+     sleeper=$!
+     wait "$sleeper" || break
      gcloud storage cp "$TRAIN_LOG" "$log_url/worker-$worker.log" > /dev/null 2>&1 || true
    done) &
   syncer=$!
@@ -116,7 +123,9 @@ run_training() {
   status=0
   wait "$!" || status=$?
   kill "$syncer" 2>/dev/null || true
-  if (( status != 0 )); then
+  if (( status > 128 )); then
+    result=killed
+  elif (( status != 0 )); then
     result=failed
   elif grep -q 'stopped .*on request' "$TRAIN_LOG"; then
     result=stopped

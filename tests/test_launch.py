@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -99,9 +100,10 @@ class Stubs:
     env.update({key: str(value) for key, value in settings.items()})
     return env
 
-  def run(self, argv, check=True, cwd=REPO, **settings) -> subprocess.CompletedProcess:
+  def run(self, argv, check=True, cwd=REPO, timeout=60,
+          **settings) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, cwd=cwd, env=self.env(**settings), capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=timeout)
     if check:
       assert result.returncode == 0, result.stderr
     return result
@@ -313,6 +315,7 @@ def worker(stubs):
     ('I step 100\nI stopped at step 100 on request; checkpoint saved\n', 0, '3 stopped 0'),
     ('I step 100\nI eval mIoU 0.4\n', 0, '3 done 0'),
     ('E out of memory\n', 3, '3 failed 3'),
+    ('I step 100\n', 137, '3 killed 137'),
 ])
 def test_worker_run_writes_its_log_and_result(stubs, worker, output, rc, result):
   url = 'gs://b/logs/pspnet/' + STAMP
@@ -342,6 +345,37 @@ def test_worker_setup_installs_the_pinned_jax_tpu(stubs, worker):
       assert printed == expected
     else:   # the last line runs the venv's (fake) Python, which is no stub
       assert printed == expected[:-1]
+
+
+def test_worker_start_detaches_and_stop_saves(stubs, worker):
+  """start returns at once with the run going on in its own session; stop sends SIGTERM to
+  the training process, which saves and exits 0: the result says `stopped`."""
+  (stubs.bin / 'sleep').unlink()   # the real sleep: the copier and the stop loop wait for real
+  python = worker / 'venv/bin/python'
+  python.write_text('#!/bin/bash\ntrap \'echo "I stopped at step 5 on request"; exit 0\' TERM\n'
+                    'echo "I step 1"\nwhile true; do /bin/sleep 0.05; done\n')
+  script = str(worker / 'code/launch/tpu_worker.sh')
+  url = 'gs://b/logs/pspnet/' + STAMP
+  stubs.run(['bash', script, 'start', url, '30', '--config=c.py'], timeout=10)
+  for _ in range(200):
+    if (worker / 'python.pid').exists() and 'step 1' in (worker / 'train.log').read_text():
+      break
+    time.sleep(0.05)
+  assert (worker / 'run.pid').exists()
+  stubs.run(['bash', script, 'stop', '30'], timeout=40)
+  assert (worker / 'result').read_text() == '3 stopped 0\n'
+  assert not (worker / 'run.pid').exists()
+  upload_result = f'gcloud storage cp {worker}/result {url}/worker-3.result'
+  for _ in range(100):   # the detached run copies its log and result after its pid file is gone
+    if upload_result in stubs.calls():
+      break
+    time.sleep(0.05)
+  clear = ["sudo lsof -t '/dev/accel*' '/dev/vfio/[0-9]*'", 'sudo rm -f /tmp/libtpu_lockfile']
+  upload_log = f'gcloud storage cp {worker}/train.log {url}/worker-3.log'
+  calls = stubs.calls(skip=('curl',))
+  # start: clear the TPU, the empty log; the run's end: log and result; stop: clear the TPU.
+  assert calls[:3] == clear + [upload_log]
+  assert sorted(calls[3:]) == sorted(clear + [upload_log, upload_result])
 
 
 def test_worker_start_clears_the_tpu_first(stubs, worker):
