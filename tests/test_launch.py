@@ -205,7 +205,8 @@ def test_status_reports_state_and_latest_results(stubs):
   assert result.stdout.splitlines() == [
       'pspnet: ACTIVE', 'latest run: gs://my-bucket/logs/pspnet/20261123-200000/',
       '0 stopped 0', '1 stopped 0']
-  assert stubs.calls()[-1] == "gcloud storage cat 'gs://my-bucket/logs/pspnet/20261123-200000/*.result'"
+  assert stubs.calls()[-1] == (
+      "gcloud storage cat 'gs://my-bucket/logs/pspnet/20261123-200000/*.result'")
 
 
 # ---- Cloud TPU: the watch loop against a scripted sequence of states ---------------------------
@@ -323,13 +324,26 @@ def test_worker_run_writes_its_log_and_result(stubs, worker, output, rc, result)
              '--distributed'], FAKE_OUTPUT=output, FAKE_RC=rc)
   assert (worker / 'result').read_text() == result + '\n'
   assert (worker / 'train.log').read_text() == output
-  assert (worker / 'venv/bin/argv').read_text() == '-m pspnet_jax.main --config=c.py --distributed\n'
+  assert (worker / 'venv/bin/argv').read_text() == (
+      '-m pspnet_jax.main --config=c.py --distributed\n')
   assert not (worker / 'run.pid').exists() and not (worker / 'python.pid').exists()
   assert stubs.calls(skip=('sleep',)) == [
       'curl -sf -H \'Metadata-Flavor: Google\' '
       'http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number',
       f'gcloud storage cp {worker}/train.log {url}/worker-3.log',
       f'gcloud storage cp {worker}/result {url}/worker-3.result']
+
+
+def test_worker_recognizes_the_trainers_stop_messages():
+  """The training command exits 0 both when it has finished and when it stopped on request;
+  the worker tells them apart by the log line. Both of train.py's stop messages must match."""
+  pattern = re.search(r"grep -q '([^']+)' \"\$TRAIN_LOG\"",
+                      (LAUNCH / 'tpu_worker.sh').read_text()).group(1)
+  messages = re.findall(r"logging\.info\('(stopped[^']*)'",
+                        (REPO / 'pspnet_jax/train.py').read_text())
+  assert len(messages) == 2, messages
+  for message in messages:
+    assert re.search(pattern, message % 5 if '%d' in message else message), message
 
 
 def test_worker_setup_installs_the_pinned_jax_tpu(stubs, worker):
