@@ -278,7 +278,11 @@ attempt() {
   (set -e; "$@")
   status=$?
   set -e
-  (( status == 0 )) || log "$1 stopped (exit $status); looking again"
+  if (( status != 0 )); then
+    # Not at once: a create refused for quota would otherwise use up MAX_RECREATIONS in seconds.
+    log "$1 stopped (exit $status); next look in ${WATCH_INTERVAL}s"
+    sleep "$WATCH_INTERVAL"
+  fi
 }
 
 count_restart() {

@@ -262,7 +262,7 @@ def test_watch_survives_a_failing_step(stubs):
       'gcloud compute tpus tpu-vm ssh': [{'rc': 255, 'err': 'ssh: connection refused\n'},
                                          {'rc': 0}]})
   result = stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], WATCH_INTERVAL=0)
-  assert 'train stopped (exit 255); looking again' in result.stderr
+  assert 'train stopped (exit 255); next look in 0s' in result.stderr
   assert 'pspnet is SUSPENDED: recreating it' in result.stderr
   assert [call.split()[4] for call in stubs.calls() if call.startswith('gcloud compute tpus')
           ] == ['describe', 'ssh', 'describe', 'delete', 'create', 'describe', 'ssh', 'ssh',
@@ -290,6 +290,8 @@ def test_watch_gives_up_after_max_recreations(stubs):
   assert len(creates) == 2
   # Each recovery ended at the wait (the new node was preempted too): no setup, no train.
   assert not [call for call in stubs.calls() if 'tpu-vm ssh' in call]
+  # ... and the next look came after WATCH_INTERVAL, not at once.
+  assert stubs.calls().count('sleep 0') == 2
 
 
 # ---- the worker side --------------------------------------------------------------------------
