@@ -58,6 +58,9 @@ def _measure_loader(config, batch_size: int, steps: int, semseg_pairs) -> dict:
   for _ in range(warmup):
     next(iterator)
   seconds, cpu_seconds = wall_and_cpu_seconds(lambda: next(iterator), steps)
+  # Grain's worker processes end here, not while the semseg way is timed: `cpu_seconds`
+  # counts live children, and one ending inside a window would take its CPU time out.
+  iterator.close()
   images = steps * batch_size
   # Per CPU second, not per worker: in this process Grain's threads prepare
   # batches beside the main thread, and OpenCV runs threads of its own.
