@@ -207,8 +207,9 @@ def test_folder_class_names_come_from_the_build_report(tmp_path):
 @pytest.mark.slow
 def test_training_on_a_folder_reports_its_own_class_names(tmp_path):
   """Per-class metrics of a folder dataset carry the names of its classes.txt, not class_k."""
+  # Eight training images: one global batch for the 8 test devices.
   root = fake_folder(tmp_path / 'harbour', 'open water\nboat\nsky\n',
-                     {'train': ['a', 'b'], 'validation': ['c']}, np.random.default_rng(5))
+                     {'train': list('abcdefgh'), 'validation': ['v']}, np.random.default_rng(5))
   config = default.get_config()
   config.data.update(name='folder', folder_dir=str(root), data_dir=str(tmp_path / 'tfds'),
                      num_classes=3, crop_size=33)

@@ -429,3 +429,10 @@ def test_batch_size_must_divide_by_process_count(data_dir):
     take(config, 0, 1, process_count=4)
   with pytest.raises(ValueError, match='eval.batch_size=6'):
     pipeline.eval_batches(config, process_index=0, process_count=4)
+
+
+def test_a_global_batch_larger_than_the_split_is_refused(monkeypatch, data_dir):
+  config = tiny_config(data_dir)
+  monkeypatch.setattr(pipeline, 'load_split', lambda config, split: tagged_source(5))
+  with pytest.raises(ValueError, match=r'train\.batch_size=6 is larger than the 5 training'):
+    take(config, 0, 1)
