@@ -1,4 +1,4 @@
-"""Paths of run files, local or in an object store (`gs://...`), through one abstraction: etils.epath.
+"""Run files local or in an object store (`gs://...`), through one abstraction: etils.epath.
 
 Every file the project reads or writes in a workdir, an output folder or an
 export path goes through `etils.epath.Path`, which hands local paths to the

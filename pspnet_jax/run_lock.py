@@ -94,7 +94,7 @@ class WorkdirLock:
 
 
 class LeaseLock:
-  """The lease of a workdir in an object store (see the module docstring); same API as WorkdirLock."""
+  """The lease of a workdir in an object store (module docstring); the API of WorkdirLock."""
 
   def __init__(self, workdir: str):
     self.path = epath.Path(workdir) / LOCK_FILE

@@ -1,4 +1,4 @@
-"""A local Google Cloud Storage for the tests: gcp-storage-emulator, reachable by every client we use.
+"""A local Google Cloud Storage for the tests: gcp-storage-emulator, reached by every client we use.
 
 `start(folder)` runs this file as a subprocess (the emulator keeps its objects
 in memory; a process of its own keeps its Python threads away from the GIL
@@ -106,7 +106,8 @@ def _patch_emulator():
   from gcp_storage_emulator import server  # pylint: disable=import-outside-toplevel
   from gcp_storage_emulator.handlers import objects  # pylint: disable=import-outside-toplevel
 
-  read_raw_data, read_data = server._read_raw_data, server._read_data  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  read_raw_data, read_data = server._read_raw_data, server._read_data
 
   def read_raw_chunked_first(handler):
     if handler.headers.get('Transfer-Encoding', '').lower() != 'chunked':
@@ -146,7 +147,7 @@ def _patch_emulator():
       response['x-goog-generation'] = stored['generation']
       response['x-goog-metageneration'] = stored['metageneration']
 
-  server._read_raw_data, server._read_data = read_raw_chunked_first, read_empty_media  # pylint: disable=protected-access
+  server._read_raw_data, server._read_data = read_raw_chunked_first, read_empty_media
   server.RequestHandler.parse_request = parse_and_continue
   objects.download = download_with_generation   # objects.get calls it for alt=media
   server.HANDLERS = ((r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$',
