@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from pspnet_jax import inference, metrics, paths, sharding
