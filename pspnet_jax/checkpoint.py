@@ -25,6 +25,9 @@ A save that cannot write fails fast with one line naming the path and the OS
 error (`CheckpointWriteError`): the folder is probed before every save (orbax
 itself would wait five minutes for a step folder it could not create), and
 the background write's outcome is checked after every training step.
+
+WORKDIR may be a `gs://` URI: orbax writes the arrays with tensorstore and
+the rest through etils.epath, as does this module (`pspnet_jax.paths`).
 """
 
 import datetime
@@ -32,7 +35,6 @@ import functools
 import logging as std_logging
 import os
 import re
-import shutil
 from typing import Callable, NamedTuple
 
 import jax
@@ -45,7 +47,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from pspnet_jax import sharding
+from pspnet_jax import paths, sharding
 from pspnet_jax.models import create_model, dropout_streams
 
 # Key of the eval metric that decides which checkpoint is the best one.
@@ -86,7 +88,7 @@ def quiet_orbax_logs() -> None:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(paths.absolute(workdir), 'checkpoints')
 
 
 def model_variables(model: nnx.Module) -> nnx.State:
@@ -187,7 +189,7 @@ def _manager(workdir: str, options: ocp.CheckpointManagerOptions | None = None
 
 
 def all_steps(workdir: str) -> list[int]:
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not epath.Path(checkpoint_dir(workdir)).is_dir():
     return []
   with _manager(workdir) as manager:
     return list(manager.all_steps())
@@ -436,7 +438,7 @@ class TrainCheckpointer:
     complete = TRAINING_META_KEY in meta
     if complete:
       missing = [item for item in ('model', 'opt')
-                 if not os.path.isdir(os.path.join(self.directory, str(step), item))]
+                 if not (epath.Path(self.directory) / str(step) / item).is_dir()]
       if missing:
         raise DamagedCheckpoint(f'{where} is damaged: this training checkpoint has no '
                                 f'{" or ".join(missing)} item')
@@ -484,12 +486,12 @@ class TrainCheckpointer:
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged checkpoints out of the checkpoint folder (process 0), loudly."""
     if jax.process_index() == 0:
-      aside = os.path.join(self.workdir, DAMAGED_DIR)
-      os.makedirs(aside, exist_ok=True)
+      aside = epath.Path(self.workdir) / DAMAGED_DIR
+      aside.mkdir(parents=True, exist_ok=True)
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
       for step in steps:
-        destination = os.path.join(aside, f'{step}-{stamp}')
-        shutil.move(os.path.join(self.directory, str(step)), destination)
+        destination = aside / f'{step}-{stamp}'
+        (epath.Path(self.directory) / str(step)).rename(destination)
         logging.error('moved damaged checkpoint %d to %s', step, destination)
     multihost_utils.sync_global_devices('pspnet_jax: damaged checkpoints set aside')
     self._manager.reload()

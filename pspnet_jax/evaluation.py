@@ -18,6 +18,7 @@ with the confusion matrix beside it (`.confusion.npy`).
 """
 
 import functools
+import io
 import json
 import os
 import time
@@ -26,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pspnet_jax import inference, metrics, sharding
+from pspnet_jax import inference, metrics, paths, sharding
 from pspnet_jax.data import pipeline
 
 # Seconds between two progress lines of evaluate_split.
@@ -127,17 +129,14 @@ def results_path(workdir: str, split: str, step: int, protocol: str) -> str:
 def write_results(path: str, results: dict, class_names, settings: dict) -> None:
   """The metrics by class name, the protocol's settings and the counts as JSON; the confusion
   matrix beside it (`.confusion.npy`, rows = truth). Written whole or not at all."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   per_class = lambda values: {name: None if np.isnan(value) else float(value)
                               for name, value in zip(class_names, values)}
   record = {key: float(results[key]) for key in ('mIoU', 'mAcc', 'allAcc')}
   record.update({'IoU': per_class(results['IoU']), 'acc': per_class(results['acc']),
                  'protocol': settings, 'num_images': int(results['num_images']),
                  'seconds': float(results['seconds'])})
-  stem = path.removesuffix('.json')
-  with open(stem + '.confusion.npy.tmp', 'wb') as f:
-    np.save(f, results['confusion'], allow_pickle=False)
-  os.replace(stem + '.confusion.npy.tmp', stem + '.confusion.npy')
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
+  confusion = io.BytesIO()
+  np.save(confusion, results['confusion'], allow_pickle=False)
+  paths.write_whole(path.removesuffix('.json') + '.confusion.npy', confusion.getvalue())
+  paths.write_whole(path, json.dumps(record, indent=2))

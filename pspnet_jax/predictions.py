@@ -31,24 +31,25 @@ its reason in prediction.json.
 With several processes, process i predicts inputs i, i + P, ... (every
 process steps the predictor), and process 0 writes the legend and
 prediction.json for all of them; the output folder must be one that every
-process sees, as the workdir is.
+process sees, as the workdir is. It may be a `gs://` URI (written through
+etils.epath); the inputs are local files.
 """
 
 import collections
 import glob
 import json
 import os
-import shutil
 from typing import Iterable, NamedTuple
 
 import cv2
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image, ImageOps
 
-from pspnet_jax import inference
+from pspnet_jax import inference, paths
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.pgm', '.tif', '.tiff',
                     '.webp')
@@ -94,17 +95,17 @@ def _glob_root(pattern: str) -> str:
   return root or os.curdir
 
 
-def _named(paths: list[str], root: str) -> list[ImageFile]:
+def _named(files: list[str], root: str) -> list[ImageFile]:
   """Output names: the path relative to `root` without extension, with it where two collide."""
-  relative = [os.path.relpath(path, root).replace(os.sep, '/') for path in paths]
+  relative = [os.path.relpath(path, root).replace(os.sep, '/') for path in files]
   stems = [os.path.splitext(name)[0] for name in relative]
   stem_counts = collections.Counter(stems)
   names = [stem if stem_counts[stem] == 1 else name for stem, name in zip(stems, relative)]
   name_counts = collections.Counter(names)
-  clashes = [path for path, name in zip(paths, names) if name_counts[name] > 1]
+  clashes = [path for path, name in zip(files, names) if name_counts[name] > 1]
   if clashes:
     raise ValueError(f'inputs {clashes} would write outputs of the same name; rename some')
-  return [ImageFile(path, name) for path, name in zip(paths, names)]
+  return [ImageFile(path, name) for path, name in zip(files, names)]
 
 
 def find_inputs(spec: str, exclude: str | None = None) -> list[ImageFile]:
@@ -117,21 +118,21 @@ def find_inputs(spec: str, exclude: str | None = None) -> list[ImageFile]:
   holds no image file, and ValueError when two files would get the same name.
   """
   if os.path.isfile(spec):
-    paths, root = [spec], os.path.dirname(spec)
+    files, root = [spec], os.path.dirname(spec)
   elif os.path.isdir(spec):
-    paths = [os.path.join(folder, name) for folder, _, names in os.walk(spec)
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(spec)
              for name in names if _is_image_name(name) and not name.startswith('.')]
     root = spec
   elif glob.has_magic(spec):
-    paths = [path for path in glob.glob(spec, recursive=True) if _is_image_name(path)]
+    files = [path for path in glob.glob(spec, recursive=True) if _is_image_name(path)]
     root = _glob_root(spec)
   else:
     raise FileNotFoundError(f'input {spec}: no such file or folder')
   if exclude is not None:
-    paths = [path for path in paths if not _inside(path, exclude)]
-  if not paths:
+    files = [path for path in files if not _inside(path, exclude)]
+  if not files:
     raise FileNotFoundError(f'input {spec}: no image files ({", ".join(IMAGE_EXTENSIONS)})')
-  return _named(sorted(paths), root)
+  return _named(sorted(files), root)
 
 
 def read_image(path: str) -> np.ndarray:
@@ -157,9 +158,8 @@ def _write_image(path: str, array: np.ndarray, *params) -> None:
   ok, encoded = cv2.imencode(os.path.splitext(path)[1], array, params)
   if not ok:
     raise ValueError(f'{path}: OpenCV could not encode a {array.dtype} {array.shape} image')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'wb') as file:
-    file.write(encoded.tobytes())
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  epath.Path(path).write_bytes(encoded.tobytes())
 
 
 def save_prediction(out_dir: str, name: str, image: np.ndarray, class_map: np.ndarray,
@@ -184,30 +184,27 @@ def save_prediction(out_dir: str, name: str, image: np.ndarray, class_map: np.nd
 def describe_run(config, workdir: str, step: int, protocol: inference.Protocol,
                  config_file: str | None = None) -> dict:
   """What prediction.json says about the model and protocol that write the folder."""
-  return {'workdir': os.path.realpath(workdir), 'step': step, 'protocol': protocol.settings(),
+  where = workdir if paths.is_remote(workdir) else os.path.realpath(workdir)
+  return {'workdir': where, 'step': step, 'protocol': protocol.settings(),
           'config': config_file, 'data': config.data.name,
           'num_classes': config.data.num_classes}
 
 
 def _read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
-  with open(path) as file:
-    return json.load(file)
+  return json.loads(epath.Path(path).read_text())
 
 
 def _write_json(path: str, value) -> None:
-  with open(path, 'w') as file:
-    json.dump(value, file, indent=1)
-    file.write('\n')
+  epath.Path(path).write_text(json.dumps(value, indent=1) + '\n')
 
 
 def _clear_outputs(out_dir: str) -> None:
   for folder in OUTPUT_FOLDERS:
-    shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
+    (epath.Path(out_dir) / folder).rmtree(missing_ok=True)
   for name in (LEGEND_FILE, LEGEND_IMAGE):
-    if os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
+    (epath.Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _owner_keys(run: dict) -> str:
@@ -227,8 +224,8 @@ def _ownership_problem(out_dir: str, run: dict, overwrite: bool) -> str | None:
   except (OSError, ValueError) as error:
     return f'{run_file} is unreadable ({error}): {remedy}'
   if previous is None:
-    if any(os.path.isdir(folder) and os.listdir(folder)
-           for folder in (os.path.join(out_dir, name) for name in OUTPUT_FOLDERS)):
+    if any(folder.is_dir() and any(folder.iterdir())
+           for folder in (epath.Path(out_dir) / name for name in OUTPUT_FOLDERS)):
       return f'output folder {out_dir} holds outputs but no {RUN_FILE}: {remedy}'
     return None
   if all(previous.get(key) == run[key] for key in OWNER_KEYS):
@@ -262,7 +259,7 @@ def claim_output(out_dir: str, run: dict, *, overwrite: bool = False) -> None:
   if jax.process_index() == 0:
     problem = _ownership_problem(out_dir, run, overwrite)
     if problem is None:
-      os.makedirs(out_dir, exist_ok=True)
+      epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
       _write_json(os.path.join(out_dir, RUN_FILE), {**run, 'status': 'running'})
   problem = _all_processes(problem)[0]
   if problem:

@@ -22,7 +22,6 @@ consecutive skips stop the run, leaving the last checkpoint as it was.
 import datetime
 import functools
 import json
-import os
 import time
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 from flax import nnx
 
 from pspnet_jax import (checkpoint, configuration, evaluation, inference, losses, optim,
@@ -162,7 +162,7 @@ def train_and_evaluate(config, workdir: str, *, allowed_config_changes=(),
     if jax.process_count() > 1:
       stop.hand_over_to_jax()
   try:
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with run_lock.hold(workdir, is_lead_process=jax.process_index() == 0):
       return _train_and_evaluate(config, workdir, stop, allowed_config_changes)
   finally:
@@ -174,14 +174,12 @@ def _record_config(config, workdir: str, step: int) -> None:
   """config.json is this start's config; config_history/ keeps every start's (process 0)."""
   if jax.process_index() != 0:
     return
-  history = os.path.join(workdir, CONFIG_HISTORY_DIR)
-  os.makedirs(history, exist_ok=True)
+  history = epath.Path(workdir) / CONFIG_HISTORY_DIR
+  history.mkdir(parents=True, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S.%fZ')
   text = config.to_json(indent=2)
-  for path in (os.path.join(history, f'{stamp}-step{step}.json'),
-               os.path.join(workdir, 'config.json')):
-    with open(path, 'w', encoding='utf-8') as f:
-      f.write(text)
+  for path in (history / f'{stamp}-step{step}.json', epath.Path(workdir) / 'config.json'):
+    path.write_text(text, encoding='utf-8')
 
 
 def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_changes) -> dict:
@@ -353,7 +351,7 @@ def _final_evaluation(config, workdir: str, mesh, eval_graphdef, state: TrainSta
   protocol = inference.Protocol.from_config(config)
   step = int(state.step)
   path = evaluation.results_path(workdir, config.data.eval_split, step, protocol.name)
-  if os.path.exists(path):   # a restart of a finished run: already done
+  if epath.Path(path).exists():   # a restart of a finished run: already done
     return
   predictor = inference.Predictor(eval_graphdef, train_state.model_variables(state), protocol,
                                   mean=config.data.mean, std=config.data.std,

@@ -8,13 +8,13 @@ No process builds an unsharded copy first, and a resumed run never reads
 """
 
 import functools
-import os
 from typing import NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 from flax import nnx
 
 from pspnet_jax import checkpoint, sharding, weights
@@ -92,7 +92,7 @@ def init_train_state(config, tx: optax.GradientTransformation, mesh) -> TrainSta
   params, batch_stats, rngs = jax.jit(lambda: _init_variables(config),
                                       out_shardings=replicated)()
   if config.model.pretrained:
-    if not os.path.isfile(config.model.pretrained):
+    if not epath.Path(config.model.pretrained).is_file():
       raise ValueError(f'config.model.pretrained={config.model.pretrained!r}: no such file')
     variables = weights.backbone_from_file(
         jax.device_get(nnx.merge_state(params, batch_stats)), config.model.pretrained,

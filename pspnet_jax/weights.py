@@ -21,7 +21,9 @@ are no variables of ours and stay accepted).
 An export is written to a hidden temporary file in the target's directory and
 `os.replace`d onto its name only once complete, so an interrupted export never
 leaves half a file under that name; an existing file is refused unless
-`overwrite=True` (`--overwrite` of the command).
+`overwrite=True` (`--overwrite` of the command). Weights files may be `gs://`
+URIs both ways (through etils.epath): an export there is written locally and
+copied up whole (an object appears only once its upload is complete).
 """
 
 import collections
@@ -29,15 +31,17 @@ import contextlib
 import functools
 import os
 import re
+import tempfile
 import uuid
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from pspnet_jax import checkpoint
+from pspnet_jax import checkpoint, paths
 from pspnet_jax.models import create_model
 
 # Module renames, applied in order to the dotted Flax path of a variable.
@@ -204,8 +208,8 @@ def _import_torch():
 def _torch_file_diagnosis(path: str) -> str | None:
   """Why torch.load refused `path`, when its first and last bytes tell (the loader's own message
   is "KeyError: '101'" for a text file and a miniz internal for a truncated archive)."""
-  size = os.path.getsize(path)
-  with open(path, 'rb') as file:
+  size = epath.Path(path).stat().length
+  with epath.Path(path).open('rb') as file:
     head = file.read(len(_ZIP_START))
     file.seek(max(0, size - _ZIP_END_SEARCH))
     tail = file.read()
@@ -221,7 +225,7 @@ def _unreadable(path: str, what: str, error: Exception, diagnosis: str | None = 
                 ) -> ValueError:
   """The error for a file a reader refused: the path, its size and a reason that is never empty
   (torch.load of an empty file raises an EOFError without a message)."""
-  size = os.path.getsize(path)
+  size = epath.Path(path).stat().length
   if size == 0:
     reason = 'the file is empty'
   elif diagnosis:
@@ -234,7 +238,7 @@ def _unreadable(path: str, what: str, error: Exception, diagnosis: str | None = 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   # The file's raw bytes per tensor: safetensors.numpy.load_file cannot give bfloat16.
   from safetensors import deserialize  # pylint: disable=import-outside-toplevel
-  with open(path, 'rb') as file:
+  with epath.Path(path).open('rb') as file:
     try:
       entries = deserialize(file.read())
     except Exception as error:  # safetensors raises its own SafetensorError
@@ -252,7 +256,8 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict]:
   torch = _import_torch()
   try:
-    loaded = torch.load(path, map_location='cpu', weights_only=True)
+    with epath.Path(path).open('rb') as file:
+      loaded = torch.load(file, map_location='cpu', weights_only=True)
   except Exception as error:  # pickle, zip and torch errors alike mean the same here
     raise _unreadable(path, 'PyTorch checkpoint', error, _torch_file_diagnosis(path)) from error
   extras = {}
@@ -286,7 +291,7 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   the file's dtype (bfloat16 as jax's); a file that cannot be read raises a
   ValueError that names it and says why.
   """
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f'no weights file at {path}')
   if path.endswith('.safetensors'):
     raw, extras = _read_safetensors(path), {}
@@ -297,7 +302,9 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
-  if not overwrite and os.path.lexists(path):
+  # lexists: a dangling symlink is a name taken too.
+  exists = epath.Path(path).exists() if paths.is_remote(path) else os.path.lexists(path)
+  if not overwrite and exists:
     raise FileExistsError(f'{path} already exists; give --overwrite (overwrite=True) to '
                           'replace it')
 
@@ -308,9 +315,16 @@ def _write_atomically(path: str, write, *, overwrite: bool) -> None:
   The temporary file is hidden in the same directory (os.replace is atomic only
   within one file system), so `path` holds the old file or the new one, never
   half of one; it is removed when the write fails or is interrupted (only a
-  SIGKILL or a crash can leave a `.NAME.tmp-*` behind).
+  SIGKILL or a crash can leave a `.NAME.tmp-*` behind). A `gs://` path is
+  written into a local temporary folder and copied up.
   """
   _refuse_existing(path, overwrite)
+  if paths.is_remote(path):
+    with tempfile.TemporaryDirectory() as scratch:
+      written = os.path.join(scratch, epath.Path(path).name)
+      write(written)
+      epath.Path(written).copy(path, overwrite=True)
+    return
   directory, name = os.path.split(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   temporary = os.path.join(directory, f'.{name}.tmp-{uuid.uuid4().hex[:8]}')
@@ -366,7 +380,7 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   if existing:
     raise FileExistsError(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
                           f'{existing}; import into an empty --workdir')
-  meta = {'source': os.path.abspath(path), 'format': fmt}
+  meta = {'source': paths.absolute(path), 'format': fmt}
 
   def fresh_model():
     return create_model(config, rngs=nnx.Rngs(config.seed))

@@ -4,8 +4,14 @@
 "train/loss": 1.23, ...}`), the machine-readable record that scripts and
 tests read. Evaluation rows carry eval/mIoU, eval/mAcc, eval/allAcc and
 eval/IoU/<class name> per class.
+
+The workdir may be a `gs://` URI: metrics.jsonl goes through etils.epath and
+TensorBoard's event files through TensorFlow's GCS file system. On an object
+store each flush rewrites the whole object (no appends there), so every row is
+on GCS as soon as it is logged, at a cost that grows with the file.
 """
 
+import contextlib
 import json
 import os
 
@@ -13,6 +19,9 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from etils import epath
+
+from pspnet_jax import paths
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -21,7 +30,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per write_scalars call to a file; other summaries are not kept."""
 
   def __init__(self, path: str):
-    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    # epath's open is a context manager (for every backend); this one stays open until close.
+    self._stack = contextlib.ExitStack()
+    self._file = self._stack.enter_context(epath.Path(path).open('a', encoding='utf-8'))
 
   def write_scalars(self, step, scalars):
     row = {'step': int(step), **{key: float(value) for key, value in scalars.items()}}
@@ -53,7 +64,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.flush()
 
   def close(self):
-    self._file.close()
+    self._stack.close()
 
 
 def drop_rows_after(workdir: str, step: int) -> None:
@@ -62,10 +73,10 @@ def drop_rows_after(workdir: str, step: int) -> None:
   A run that resumes from checkpoint `step` replays the steps after it and logs
   them again; without this, readers would see two rows for one step.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return
-  with open(path, encoding='utf-8') as f:
+  with path.open(encoding='utf-8') as f:
     lines = f.readlines()
   kept = []
   for line in lines:
@@ -77,9 +88,7 @@ def drop_rows_after(workdir: str, step: int) -> None:
       kept.append(line if line.endswith('\n') else line + '\n')
   if kept != lines:
     # Replaced whole, so a crash here leaves the old file or the new one, never half.
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    paths.write_whole(path, ''.join(kept))
     logging.info('%s: dropped %d rows past step %d, which this run replays', path,
                  len(lines) - len(kept), step)
 

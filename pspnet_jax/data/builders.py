@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from pspnet_jax import paths
 from pspnet_jax.data import labels
 
 REPORT_NAME = 'build_report.json'
@@ -153,7 +154,7 @@ def _file_state(root: epath.Path, file) -> list | None:
   if file is None:
     return None
   path = os.fspath(file)
-  remote = '://' in path
+  remote = paths.is_remote(path)
   name = path if remote else os.path.relpath(path, root)
   try:
     if remote:  # GCS and other etils backends report whole seconds
@@ -176,12 +177,6 @@ def source_digest(root: epath.Path, source: Source) -> str:
       digest.update(json.dumps([split, pair.name, pair.problem, _file_state(root, pair.image),
                                 _file_state(root, pair.label)]).encode())
   return digest.hexdigest()
-
-
-def absolute_path(path) -> str:
-  """`path` absolute and normalized, ~ expanded; a URI (gs://...) as it is, less a final /."""
-  path = os.fspath(path)
-  return path.rstrip('/') if '://' in path else os.path.abspath(os.path.expanduser(path))
 
 
 def png(array: np.ndarray) -> bytes:
@@ -242,7 +237,25 @@ def read_example(pair: Pair, remap, num_classes: int) -> tuple[dict, np.ndarray]
   return example, label
 
 
-class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class LocalBuild:
+  """Mixin for our TFDS builders: a build into an object store fails at once, saying what to do.
+
+  array_record's writer opens local files only (its reader also takes gs://),
+  so TFDS would fail on the first shard with "open() failed ... Failed to
+  create the file header". A dataset already there is read as usual.
+  """
+
+  def download_and_prepare(self, *args, **kwargs):
+    if paths.is_remote(self.data_dir) and not self.is_prepared():
+      root = os.fspath(self.data_dir_root)
+      raise BuildError(
+          f'{self.name} is not built in {root}, and ArrayRecord files can only be written to '
+          f'local folders: build it into a local data_dir, copy that folder up (gcloud storage '
+          f'cp -r LOCAL_DATA_DIR/{self.name} {root}/), then read it from data.data_dir={root}')
+    return super().download_and_prepare(*args, **kwargs)
+
+
+class ValidatingBuilder(LocalBuild, tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder from a manual_dir of files that validates every pair and writes a report.
 
   Subclasses set VERSION, MANUAL_DOWNLOAD_INSTRUCTIONS, optionally
@@ -342,7 +355,7 @@ class ValidatingBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     aside as `<version>.previous` during a rebuild and put back if it fails;
     after a rebuild killed outright, the next call puts it back.
     """
-    manual_dir = epath.Path(absolute_path(manual_dir))
+    manual_dir = epath.Path(paths.absolute(manual_dir))
     previous = self.data_path.parent / f'{self.data_path.name}.previous'
     if previous.exists():  # an earlier rebuild was killed
       if self.data_path.exists():

@@ -27,6 +27,7 @@ import re
 from etils import epath
 import tensorflow_datasets as tfds
 
+from pspnet_jax import paths
 from pspnet_jax.data import builders, labels
 
 SPLITS = ('train', 'validation')
@@ -39,7 +40,7 @@ def config_name(folder_dir) -> str:
   Eight hex digits of sha256 make two folders' slots collide once in four
   billion pairs.
   """
-  path = builders.absolute_path(folder_dir)
+  path = paths.absolute(folder_dir)
   base = re.sub(r'[^a-z0-9_]+', '_', epath.Path(path).name.lower()).strip('_')
   return f'{base or "folder"}_{hashlib.sha256(path.encode()).hexdigest()[:8]}'
 

@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from pspnet_jax import paths
 from pspnet_jax.data import builders, registry
 
 # Every dataset that is built from files (all but the generated synthetic one), by
@@ -54,7 +55,7 @@ def main(argv):
   dataset = registry.get(_DATASET.value)
   # Absolute, so that the printed flags find the same folder slot from any
   # working directory.
-  manual_dir = builders.absolute_path(_MANUAL_DIR.value)
+  manual_dir = paths.absolute(_MANUAL_DIR.value)
   # The keys training will read; the folder builder's slot is keyed on
   # folder_dir, the official ones ignore it.
   config = ml_collections.ConfigDict({'data': {

@@ -31,7 +31,8 @@ goes through the loader of the real datasets. Its `BuilderConfig` name encodes
 seed, sizes and counts, so different parameters never share files. On
 several hosts, give each its own `data.data_dir` (or build once beforehand):
 TFDS builds into a temporary folder and renames it, but two hosts racing on
-one shared folder is not something it arbitrates.
+one shared folder is not something it arbitrates. An object store (gs://)
+takes a copy of a local build (`builders.LocalBuild`).
 """
 
 import dataclasses
@@ -40,7 +41,7 @@ import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import labels
+from pspnet_jax.data import builders, labels
 
 CLASS_NAMES = ('ground', 'water', 'road', 'boat', 'car', 'tree', 'marker')
 NUM_CLASSES = len(CLASS_NAMES)
@@ -224,7 +225,7 @@ class SyntheticContextConfig(tfds.core.BuilderConfig):
     return cls(name=name, version=SyntheticContext.VERSION, **params)
 
 
-class SyntheticContext(tfds.core.GeneratorBasedBuilder):
+class SyntheticContext(builders.LocalBuild, tfds.core.GeneratorBasedBuilder):
   """The context dataset as a TFDS builder (TFDS name `synthetic_context`)."""
 
   VERSION = tfds.core.Version('1.0.0')
