@@ -210,6 +210,8 @@ logs() {
 #       setup, train (the same command resumes from the last checkpoint in the workdir)
 #   ready, no run started yet -> train
 #   ready, a worker's result `stopped` or `killed` (SIGTERM, maintenance, OOM) -> train again
+#   ready, a worker's result `busy` (the workdir's lock is held) -> train again after
+#       WATCH_INTERVAL seconds (a lease left by a lost slice expires within 5 minutes)
 #   ready, worker 0's result `done` -> finished, exit 0 (DELETE_WHEN_DONE=1: delete the slice)
 #   ready, a worker's result `failed` -> exit 1: a bug or bad data, not a preemption; read the logs
 #   anything else (queued, provisioning, running) -> look again in WATCH_INTERVAL seconds
@@ -245,10 +247,16 @@ watch() {
           log "the run failed, not preempted:"
           printf '%s\n' "$results" >&2
           die "see the logs in $url (launch/tpu.sh logs all)"
-        elif grep -qE ' (stopped|killed) ' <<< "$results"; then
+        elif grep -qE ' (stopped|killed|busy) ' <<< "$results"; then
           count_restart "$restarts"
           restarts=$((restarts + 1))
-          log "the run was stopped or killed: starting it again (it resumes)"
+          if grep -q ' busy ' <<< "$results"; then
+            # The lease of a run on a slice that went away lasts until it expires.
+            log "another run's lock holds the workdir: starting again in ${WATCH_INTERVAL}s"
+            sleep "$WATCH_INTERVAL"
+          else
+            log "the run was stopped or killed: starting it again (it resumes)"
+          fi
           attempt train
         else
           log "$TPU_NAME is $state, the run is going; next look in ${WATCH_INTERVAL}s"

@@ -17,7 +17,8 @@
 # The result line, LOG_URL/worker-<n>.result, is `<n> done 0` (trained to the end),
 # `<n> stopped 0` (stopped on request: SIGTERM, preemption notice; the checkpoint is saved and
 # the same command resumes), `<n> killed <exit status>` (killed by a signal it could not handle:
-# the VM going down, the OOM killer) or `<n> failed <exit status>` (the command failed). The
+# the VM going down, the OOM killer), `<n> busy 75` (another run's lock holds the workdir, e.g.
+# the lease of a run on a slice that went away) or `<n> failed <exit status>`. The
 # training command exits 0 in the first two cases, so the log line "stopped ... on request"
 # tells them apart.
 # DRY_RUN=1 prints the commands instead of running them (process ids as PYTHON_PID / RUN_PID).
@@ -125,6 +126,8 @@ run_training() {
   kill "$syncer" 2>/dev/null || true
   if (( status > 128 )); then
     result=killed
+  elif (( status == 75 )); then
+    result=busy
   elif (( status != 0 )); then
     result=failed
   elif grep -q 'stopped .*on request' "$TRAIN_LOG"; then

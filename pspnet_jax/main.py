@@ -7,8 +7,14 @@
 On several hosts every process runs the same command; with
 `--coordinator_address` (or inside a Cloud TPU / SLURM job, detected by
 `--distributed`) jax.distributed connects them first.
+
+Exit status: 0 when the run finished or stopped on request (checkpoint saved);
+1 for a fault of the run directory (a damaged checkpoint, a failed write);
+75 (EX_TEMPFAIL) when another run holds the workdir: a retry may succeed once
+that run ends or its lease expires, which launch/tpu.sh watch waits for.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -44,8 +50,10 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                              allowed_config_changes=_ALLOW_CONFIG_CHANGE.value, stop=stop)
-  except (checkpoint.CheckpointWriteError, checkpoint.DamagedCheckpoint,
-          run_lock.WorkdirInUse) as error:
+  except run_lock.WorkdirInUse as error:
+    logging.error('%s', error)
+    sys.exit(os.EX_TEMPFAIL)
+  except (checkpoint.CheckpointWriteError, checkpoint.DamagedCheckpoint) as error:
     # Faults of the run directory: the message says what and where; nothing was lost.
     logging.error('%s', error)
     sys.exit(1)

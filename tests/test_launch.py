@@ -280,6 +280,19 @@ def test_watch_stops_when_the_run_fails(stubs):
   assert not [call for call in stubs.calls() if 'tpu-vm ssh' in call or 'create' in call]
 
 
+def test_watch_waits_for_a_held_workdir_then_trains_again(stubs):
+  stubs.respond({
+      'gcloud compute tpus queued-resources describe': [{'out': 'ACTIVE\n'}],
+      'gcloud storage ls': [{'out': 'gs://my-bucket/logs/pspnet/20261123-200000/\n'}],
+      'gcloud storage cat': [{'out': '1 busy 75\n0 busy 75\n'}, {'out': '0 done 0\n'}]})
+  result = stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], WATCH_INTERVAL=7)
+  assert "another run's lock holds the workdir: starting again in 7s" in result.stderr
+  calls = stubs.calls()
+  waited = calls.index('sleep 7')
+  assert [call for call in calls[waited:] if 'tpu-vm ssh' in call], calls
+  assert 'finished: worker 0 trained to the end' in result.stderr
+
+
 def test_watch_gives_up_after_max_recreations(stubs):
   stubs.respond({'gcloud compute tpus tpu-vm describe': [{'out': 'PREEMPTED\n'}]})
   result = stubs.run([str(LAUNCH / 'tpu.sh'), 'watch'], check=False, PROVISIONING='direct',
@@ -319,6 +332,7 @@ def worker(stubs):
     ('I step 100\nI eval mIoU 0.4\n', 0, '3 done 0'),
     ('E out of memory\n', 3, '3 failed 3'),
     ('I step 100\n', 137, '3 killed 137'),
+    ('E workdir gs://b/run is in use by another run\n', 75, '3 busy 75'),
 ])
 def test_worker_run_writes_its_log_and_result(stubs, worker, output, rc, result):
   url = 'gs://b/logs/pspnet/' + STAMP

@@ -46,3 +46,14 @@ def test_training_refuses_a_workdir_held_by_another_run(tmp_path):
     with pytest.raises(run_lock.WorkdirInUse, match=str(tmp_path)):
       train.train_and_evaluate(default.get_config(), str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'config.json').exists()
+
+
+@pytest.mark.slow
+def test_the_training_command_exits_75_on_a_held_workdir(tmp_path):
+  """EX_TEMPFAIL, not a failure: launch/tpu.sh watch retries it (a lease may still be running
+  out), where it gives up on exit 1."""
+  with run_lock.hold(str(tmp_path)):
+    result = subprocess.run([sys.executable, '-m', 'pspnet_jax.main', '--config=configs/ade20k.py',
+                             f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 75, result.stderr[-3000:]
+  assert 'in use by another run' in result.stderr
