@@ -142,8 +142,11 @@ class LeaseLock:
 
   def _renew(self) -> None:
     while not self._stop.wait(HEARTBEAT_SECONDS):
-      current = self._read() or {}
-      if current.get('token') != self._record['token']:
+      current = self._read()
+      if current == {}:   # unreadable (a store serving a write in progress): next beat
+        logging.warning('%s: the lock could not be read; renewing at the next beat', self.path)
+        continue
+      if (current or {}).get('token') != self._record['token']:
         logging.error('%s: this run lost its lease to %s (it was not renewed for %.0f s); '
                       'two runs may now write to this workdir', self.path, _describe(current),
                       EXPIRY_SECONDS)
