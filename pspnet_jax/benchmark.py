@@ -10,6 +10,8 @@
       --steps=40 --batch_size=8 --semseg_reference
   python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=eval --num_images=8 \\
       --batch_size=2 [--semseg_reference]
+  python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=compile --topology=v5e:2x4 \\
+      --batch_size=16 --config.model.dtype=bfloat16 [--noplan_eval]
 
 `--what=forward`: the eval-mode forward of the config's model on a
 crop_size x crop_size batch of `--batch_size` (default 1) images, median over
@@ -40,24 +42,34 @@ warm-up image (compilation, timed on its own) (benchmarks/eval_speed.py).
 the same images and weights: the PyTorch twin, one window at a time with its
 mirror, and the ratio of the two.
 
+`--what=compile`: no measurement but a plan, on any host with libtpu
+(requirements-tpu-plan.txt): the train step (global batch `--batch_size`,
+default train.batch_size) and the eval step compiled ahead of time for the TPU
+slice `--topology` (e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4). Per device
+and per train step: memory (arguments, outputs, temporaries, peak, and whether
+it fits the chip's HBM), FLOPs and bytes accessed, the roofline bound and the
+MFU it allows, collective counts; the eval step's as eval_* keys
+(benchmarks/compile_plan.py).
+
 Every row also says how busy the machine was (`load_average_before`, `_after`).
 """
 
 import json
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pspnet_jax.benchmarks import eval_speed, input_speed, model_speed
+from pspnet_jax.benchmarks import compile_plan, eval_speed, input_speed, model_speed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WHAT = flags.DEFINE_enum('what', 'forward', ['forward', 'train', 'input', 'eval'],
-                          'What to measure.')
+_WHAT = flags.DEFINE_enum('what', 'forward', ['forward', 'train', 'input', 'eval', 'compile'],
+                          'What to measure (compile: plan for --topology).')
 _BATCH = flags.DEFINE_integer(
     'batch_size', None, 'Images per call (forward, default 1), global batch per step (train, '
-    'input, default config.train.batch_size) or windows per step over all devices (eval, '
-    'default config.eval.batch_size).')
+    'input, compile; default config.train.batch_size) or windows per step over all devices '
+    '(eval, default config.eval.batch_size).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed calls, steps or batches after the warm-up '
                               '(forward, train, input).')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'eval: ADE20K-sized images timed after the '
@@ -71,6 +83,9 @@ _SEMSEG_REFERENCE = flags.DEFINE_bool(
     'semseg_reference', False, 'input with --fake_ade20k, eval: also time the semseg way on the '
     'same files (input: cv2.imread and the same augmentation per sample in a Python for loop) '
     'or images (eval: tool/test.py with the PyTorch twin, one window and its mirror at a time).')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'compile: the TPU slice to compile for, '
+                                '<chip>:<shape> as v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.')
+_PLAN_EVAL = flags.DEFINE_bool('plan_eval', True, 'compile: also compile the eval step.')
 
 # --what -> the measurement, called as fn(config, batch_size, steps).
 _MODES = {
@@ -80,6 +95,8 @@ _MODES = {
         *args, fake_ade20k=_FAKE_ADE.value, semseg_reference=_SEMSEG_REFERENCE.value),
     'eval': lambda config, batch_size, steps: eval_speed.measure_eval(
         config, batch_size, _NUM_IMAGES.value, semseg_reference=_SEMSEG_REFERENCE.value),
+    'compile': lambda config, batch_size, steps: compile_plan.plan(
+        config, _TOPOLOGY.value, batch_size, eval_step=_PLAN_EVAL.value),
 }
 
 
@@ -91,6 +108,12 @@ def main(argv):
                          '(eval: --semseg_reference)')
   if _WHAT.value == 'input' and _SEMSEG_REFERENCE.value and not _FAKE_ADE.value:
     raise app.UsageError('--semseg_reference needs --fake_ade20k (the files to read)')
+  if (_WHAT.value == 'compile') != bool(_TOPOLOGY.value):
+    raise app.UsageError('--topology goes with --what=compile, and --what=compile needs it')
+  if _WHAT.value == 'compile' and not jax.config.jax_platforms:
+    # Planning runs nothing: with libtpu installed, JAX would otherwise look for
+    # TPU chips on this host (and warn) before it settles on the CPU.
+    jax.config.update('jax_platforms', 'cpu')
   batch_size = _BATCH.value
   if batch_size is None:
     if _WHAT.value == 'forward':
