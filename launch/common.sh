@@ -4,7 +4,8 @@
 #   source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 #
 # Gives: the settings (launch/settings.env, environment wins), `run` (a command, or with
-# DRY_RUN=1 its shell-quoted line on stdout instead), `quote`, `jax_version`, `train_args`.
+# DRY_RUN=1 its shell-quoted line on stdout instead), `dry_run_flag`, `usage`, `quote`,
+# `jax_version`, `train_args`.
 # Everything a script says besides the commands goes to stderr, so that a dry run's stdout is
 # exactly the commands, one per line, ready to copy and paste.
 
@@ -38,6 +39,12 @@ quote_line() {
 }
 
 is_dry_run() { [[ $DRY_RUN == 1 ]]; }
+
+# A script's `--dry-run` first argument: sets DRY_RUN=1 and is true (the caller shifts it off).
+dry_run_flag() { [[ ${1:-} == --dry-run ]] && DRY_RUN=1; }
+
+# The script's header comment, its usage, on stderr; exit 2.
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # Runs a command; a dry run prints it instead.
 run() {

@@ -44,15 +44,14 @@ submit() {
 }
 
 main() {
-  if [[ ${1:-} == --dry-run ]]; then
-    DRY_RUN=1
+  if dry_run_flag "${1:-}"; then
     shift
   fi
   local command=${1:-}
   shift || true
   case $command in
     setup|train|submit) (( $# == 0 )) || die "$command takes no arguments"; "$command" ;;
-    *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) usage ;;
   esac
 }
 

@@ -309,8 +309,7 @@ recover() {
 # ------------------------------------------------------------------------------------------------
 
 main() {
-  if [[ ${1:-} == --dry-run ]]; then
-    DRY_RUN=1
+  if dry_run_flag "${1:-}"; then
     shift
   fi
   local command=${1:-}
@@ -319,7 +318,7 @@ main() {
     create|setup|train|stop|status|watch|delete) (( $# == 0 )) || die "$command takes no arguments"
                                                  "$command" ;;
     logs) (( $# <= 1 )) || die "usage: $0 logs [WORKER|all]"; logs "$@" ;;
-    *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) usage ;;
   esac
 }
 
