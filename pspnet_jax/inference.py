@@ -29,7 +29,7 @@ any other still has work), so the collectives of the sharded step line up.
 import dataclasses
 import functools
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import jax

@@ -289,7 +289,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   data_iterator = pipeline.train_batches(config, step, num_steps)
 
   def checkpoint_meta(step):
-    return {'step': step, 'num_steps': num_steps, 'nonfinite_steps': nonfinite_total,
+    # TRAINING_META_KEY ('num_steps') marks a training checkpoint for restore.
+    return {'step': step, checkpoint.TRAINING_META_KEY: num_steps,
+            'nonfinite_steps': nonfinite_total,
             'num_train_examples': num_examples, 'config': json.loads(config.to_json())}
 
   def save(step, eval_metrics=None):

@@ -28,9 +28,12 @@ import numpy as np
 from flax import nnx
 
 from pspnet_jax import configuration, sharding, train
+from pspnet_jax.benchmarks import compile_plan
 from pspnet_jax.benchmarks.timing import median_seconds
 from pspnet_jax.models import create_model
 
+# Names some releases report for the planner's 'TPU v5' (v5p) and 'TPU v6 lite' (v6e).
+_TPU_ALIASES = {'TPU v5p': 'TPU v5', 'TPU v6e': 'TPU v6 lite'}
 # Dense peak FLOP/s of one device by compute dtype, from the vendors' spec
 # sheets, keyed by the exact jax device_kind: a near miss (H100 PCIe or NVL for
 # SXM, TPU v4 lite for v4) would be off by up to 2x, so unknown kinds get no
@@ -45,12 +48,11 @@ _PEAK_FLOPS = {
     'NVIDIA A100-SXM4-80GB': {'bfloat16': 312e12, 'float32': 156e12},
     'NVIDIA A100-PCIE-40GB': {'bfloat16': 312e12, 'float32': 156e12},
     'NVIDIA A100 80GB PCIe': {'bfloat16': 312e12, 'float32': 156e12},
-    'TPU v4': {'bfloat16': 275e12, 'float32': 275e12},
-    'TPU v5 lite': {'bfloat16': 197e12, 'float32': 197e12},  # v5e
-    'TPU v5': {'bfloat16': 459e12, 'float32': 459e12},       # v5p
-    'TPU v5p': {'bfloat16': 459e12, 'float32': 459e12},
-    'TPU v6 lite': {'bfloat16': 918e12, 'float32': 918e12},  # v6e (Trillium)
-    'TPU v6e': {'bfloat16': 918e12, 'float32': 918e12},
+    # TPUs: the planner's chip table (float32 is one bfloat16 pass), also under the names
+    # some releases report.
+    **{kind: dict.fromkeys(('bfloat16', 'float32'),
+                           compile_plan.TPU_CHIPS[_TPU_ALIASES.get(kind, kind)].peak_flops)
+       for kind in [*compile_plan.TPU_CHIPS, *_TPU_ALIASES]},
 }
 # Share of the random labels set to the ignore label, so the loss takes its masked path.
 _IGNORED_FRACTION = 0.1
