@@ -7,6 +7,7 @@ exact PyTorch bin boundaries and `align_corners` semantics for any size, needs
 no gather (whose gradient is a slow scatter on TPU) and costs two small matmuls.
 """
 
+import functools
 import math
 
 import jax
@@ -147,16 +148,75 @@ def conv2d(in_features: int, out_features: int, kernel_size: int, *, stride: int
                   conv_general_dilated=_conv_or_dot)
 
 
+def _reduce_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(x.ndim - 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax.Array,
+                     dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Train-mode BatchNorm over every axis but the last: (y in `dtype`, mean, biased variance).
+
+  Statistics and arithmetic are float32 whatever x's dtype. Each direction needs
+  one round of reductions over the batch, which is one collective when the batch
+  is sharded (XLA merges the independent ones):
+
+  - forward: the moments of x - shift, mean(x - shift) and mean((x - shift)^2),
+    are independent sums; mean = shift + m1, var = m2 - m1^2. The textbook
+    two-pass form (mean, then mean of squared deviations) needs two rounds. With
+    the running mean as the shift, m1 is small and the subtraction loses about
+    float32 epsilon * ((mean - shift) / std)^2 of the variance, nothing of note
+    for a ResNet's activations (measured in tests/test_layers.py).
+  - backward: sum(g) and sum(g * x_hat), independent, then elementwise. Autodiff
+    of the forward would add a second round and keep float32 copies of x for
+    the backward; this VJP keeps x in its own (compute) dtype and recomputes x_hat.
+  """
+  return _batch_norm_train_fwd(x, scale, bias, shift, dtype)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, shift, dtype):
+  axes = _reduce_axes(x)
+  centered = x.astype(jnp.float32) - shift
+  shifted_mean = jnp.mean(centered, axis=axes)
+  mean_square = jnp.mean(jnp.square(centered), axis=axes)
+  mean = shift + shifted_mean
+  var = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
+  inv = jax.lax.rsqrt(var + BN_EPSILON)
+  y = ((x.astype(jnp.float32) - mean) * (scale * inv) + bias).astype(dtype)
+  return (y, mean, var), (x, scale, mean, inv)
+
+
+def _batch_norm_train_bwd(dtype, residuals, cotangents):
+  del dtype
+  x, scale, mean, inv = residuals
+  g_y, g_mean, g_var = cotangents
+  axes = _reduce_axes(x)
+  count = x.size // x.shape[-1]
+  deviation = x.astype(jnp.float32) - mean
+  x_hat = deviation * inv
+  g = g_y.astype(jnp.float32)
+  g_bias = jnp.sum(g, axis=axes)
+  g_scale = jnp.sum(g * x_hat, axis=axes)
+  # d/dx of the normalized output, then of the returned mean and (biased) variance.
+  g_x = (scale * inv / count) * (count * g - g_bias - x_hat * g_scale)
+  g_x = g_x + (g_mean + 2.0 * g_var * deviation) / count
+  return g_x.astype(x.dtype), g_scale, g_bias, jnp.zeros_like(mean)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nnx.Module):
   """nn.BatchNorm2d semantics on NHWC, synchronized wherever the batch is sharded.
 
   Differences from `nnx.BatchNorm` that matter for matching the official model:
   the running variance is updated with the *unbiased* batch variance (PyTorch;
   Flax uses the biased one, 6% off for the 1x1 pyramid bin at batch 16), the
-  variance is computed in two passes (no E[x^2] - E[x]^2 cancellation), and the
-  statistics are always float32 whatever the compute dtype. The reduction runs
-  over the whole (global) batch, so under `jax.jit` with the batch sharded over
-  the mesh it is synchronized BatchNorm with no `axis_name`.
+  variance is shifted by the running mean (no E[x^2] - E[x]^2 cancellation) and
+  the statistics are always float32 whatever the compute dtype. The reduction
+  runs over the whole (global) batch, so under `jax.jit` with the batch sharded
+  over the mesh it is synchronized BatchNorm with no `axis_name`, one collective
+  per direction (`batch_norm_train`).
   """
 
   def __init__(self, num_features: int, *, dtype=jnp.float32, use_running_average: bool = False):
@@ -168,21 +228,19 @@ class BatchNorm(nnx.Module):
     self.use_running_average = use_running_average
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
+    scale, bias = self.scale.get_value(), self.bias.get_value()
     if self.use_running_average:
-      mean, var = self.mean.get_value(), self.var.get_value()
-    else:
-      reduce_axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(x32, axis=reduce_axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
-      count = x.size // x.shape[-1]
-      unbiased_var = var * (count / max(count - 1, 1))
-      self.mean.set_value((1 - BN_MOMENTUM) * self.mean.get_value()
-                          + BN_MOMENTUM * jax.lax.stop_gradient(mean))
-      self.var.set_value((1 - BN_MOMENTUM) * self.var.get_value()
-                         + BN_MOMENTUM * jax.lax.stop_gradient(unbiased_var))
-    inv = self.scale.get_value() * jax.lax.rsqrt(var + BN_EPSILON)
-    return ((x32 - mean) * inv + self.bias.get_value()).astype(self.dtype)
+      inv = scale * jax.lax.rsqrt(self.var.get_value() + BN_EPSILON)
+      return ((x.astype(jnp.float32) - self.mean.get_value()) * inv + bias).astype(self.dtype)
+    running_mean = jax.lax.stop_gradient(self.mean.get_value())
+    y, mean, var = batch_norm_train(x, scale, bias, running_mean, self.dtype)
+    count = x.size // x.shape[-1]
+    unbiased_var = var * (count / max(count - 1, 1))
+    self.mean.set_value((1 - BN_MOMENTUM) * running_mean
+                        + BN_MOMENTUM * jax.lax.stop_gradient(mean))
+    self.var.set_value((1 - BN_MOMENTUM) * self.var.get_value()
+                       + BN_MOMENTUM * jax.lax.stop_gradient(unbiased_var))
+    return y
 
 
 class ConvBNReLU(nnx.Module):
