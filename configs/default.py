@@ -118,6 +118,21 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.model.aux_weight = 0.4
   # Compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32).
   config.model.dtype = 'float32'
+  # Dtype of the upsampled logits, float32 or bfloat16. They are the step's largest
+  # tensors (batch x crop^2 x classes, twice with the aux head, and their gradients);
+  # bfloat16 halves them, and the loss still takes its softmax in float32. Evaluation and
+  # prediction compute their probabilities in float32 either way. BENCHMARKS.md has the
+  # planner's numbers and the loss difference.
+  config.model.logits_dtype = 'float32'
+  # Matmul precision of the resize and adaptive-pooling maps: highest (float32 inputs stay
+  # exact, matching PyTorch) or default (TF32 on GPUs, one bfloat16 pass on TPUs: cheaper,
+  # ~1e-3 relative on float32 inputs). bfloat16 inputs take one pass either way.
+  config.model.resize_precision = 'highest'
+  # Rematerialization of the backbone in training: none | block (keep each residual block's
+  # input, recompute the block in the backward) | stage (keep each stage's input). Saves
+  # activation memory for FLOPs (BENCHMARKS.md, planner table); the values agree to float
+  # rounding (the recomputed forward may fuse differently).
+  config.model.remat = 'none'
   # ImageNet backbone weights to start from ('' = random init): a .pth or .safetensors
   # file, read once when a run starts fresh (pspnet_jax.train_state; a resumed run never
   # reads it).

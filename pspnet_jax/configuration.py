@@ -6,7 +6,8 @@ import json
 from pspnet_jax.data.transforms import RECIPES
 from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.models import DTYPES
-from pspnet_jax.models.resnet import BACKBONES
+from pspnet_jax.models.layers import PRECISIONS
+from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES
 from pspnet_jax.weights import PRETRAINED_FORMATS
 
 
@@ -36,6 +37,12 @@ def validate(config) -> None:
            'must be 1, 2, 4 or 8')
   _require(model.aux_weight >= 0.0, 'model.aux_weight', model.aux_weight, 'must be >= 0')
   _require(model.dtype in DTYPES, 'model.dtype', model.dtype, f'must be one of {sorted(DTYPES)}')
+  _require(model.logits_dtype in DTYPES, 'model.logits_dtype', model.logits_dtype,
+           f'must be one of {sorted(DTYPES)}')
+  _require(model.resize_precision in PRECISIONS, 'model.resize_precision', model.resize_precision,
+           f'must be one of {sorted(PRECISIONS)}')
+  _require(model.remat in REMAT_POLICIES, 'model.remat', model.remat,
+           f'must be one of {REMAT_POLICIES}')
   _require(model.pretrained_format in PRETRAINED_FORMATS, 'model.pretrained_format',
            model.pretrained_format, f'must be one of {PRETRAINED_FORMATS}')
   optim = config.optim
@@ -72,11 +79,18 @@ RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_eve
                     'data.prefetch', 'data.eval_split', 'eval.', 'model.pretrained')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
+# Keys added after checkpoints were first written, with the value that computes what the
+# code computed before the key existed: a checkpoint whose config lacks such a key resumes
+# under that value as unchanged. Every new key that changes the computation goes here.
+ADDED_KEYS = {'model.logits_dtype': 'float32', 'model.resize_precision': 'highest',
+              'model.remat': 'none'}
+
+
+def flatten_config(tree: dict, prefix: str = '') -> dict:
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
+      flat.update(flatten_config(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
@@ -89,11 +103,11 @@ def resume_changes(saved: dict, config, allowed=()) -> list[str]:
   other changed key that `allowed` does not name, with the flag that allows
   them; returns the allowed changes, for the log.
   """
-  current = _flat(json.loads(config.to_json()))
+  current = flatten_config(json.loads(config.to_json()))
   unknown = sorted(set(allowed) - current.keys())
   if unknown:
     raise ValueError(f'--allow_config_change names keys the config does not have: {unknown}')
-  saved = _flat(saved)
+  saved = {**ADDED_KEYS, **flatten_config(saved)}
   absent = '<absent>'
   changed = sorted(key for key in saved.keys() | current.keys()
                    if saved.get(key, absent) != current.get(key, absent)

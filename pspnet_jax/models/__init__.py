@@ -6,6 +6,7 @@ Imports nothing else of pspnet_jax; `create_model` reads a config duck-typed.
 import jax.numpy as jnp
 from flax import nnx
 
+from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.pspnet import PSPNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -18,7 +19,9 @@ def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
                 deep_stem=model_config.deep_stem, output_stride=model_config.output_stride,
                 use_ppm=model_config.use_ppm, ppm_bins=tuple(model_config.ppm_bins),
                 dropout=model_config.dropout, zoom_factor=model_config.zoom_factor,
-                dtype=DTYPES[model_config.dtype], rngs=rngs)
+                dtype=DTYPES[model_config.dtype], logits_dtype=DTYPES[model_config.logits_dtype],
+                resize_precision=PRECISIONS[model_config.resize_precision],
+                remat=model_config.remat, rngs=rngs)
 
 
 def dropout_streams(config) -> nnx.State:

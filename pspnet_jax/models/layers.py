@@ -49,10 +49,15 @@ def _adaptive_pool_matrix(in_size: int, bins: int) -> np.ndarray:
   return matrix
 
 
-def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Array:
+# Matmul precision of the resize and pooling maps, by config name (model.resize_precision).
+# HIGHEST keeps float32 inputs exact: GPUs would otherwise run float32 matmuls in TF32, and
+# TPUs in one bfloat16 pass (6 passes at HIGHEST). bfloat16 inputs take one pass either way.
+PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'default': jax.lax.Precision.DEFAULT}
+
+
+def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray,
+                     precision: jax.lax.Precision) -> jax.Array:
   """Applies `rows` along H and `cols` along W of an NHWC array, accumulating in float32."""
-  # HIGHEST: GPUs would otherwise run float32 matmuls in TF32 and lose the exactness.
-  precision = jax.lax.Precision.HIGHEST
   y = jnp.einsum('oh,nhwc->nowc', jnp.asarray(rows, x.dtype), x,
                  precision=precision, preferred_element_type=jnp.float32)
   y = jnp.einsum('pw,nowc->nopc', jnp.asarray(cols, jnp.float32), y,
@@ -60,23 +65,26 @@ def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray) -> jax.Ar
   return y.astype(x.dtype)
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool = True) -> jax.Array:
+def resize_bilinear(x: jax.Array, size: tuple[int, int], align_corners: bool = True, *,
+                    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
   """Bilinear resize of NHWC `x` to `size` (H, W), equal to F.interpolate(mode='bilinear').
 
   Unlike `jax.image.resize` it never antialiases, and supports align_corners=True,
-  which is what the official PSPNet uses everywhere.
+  which is what the official PSPNet uses everywhere. The result has x's dtype.
   """
   height, width = x.shape[1:3]
   if (height, width) == tuple(size):
     return x
   return _apply_separable(x, _resize_matrix(height, size[0], align_corners),
-                          _resize_matrix(width, size[1], align_corners))
+                          _resize_matrix(width, size[1], align_corners), precision)
 
 
-def adaptive_avg_pool(x: jax.Array, bins: int) -> jax.Array:
+def adaptive_avg_pool(x: jax.Array, bins: int, *,
+                      precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
   """F.adaptive_avg_pool2d(x, bins) for NHWC `x` of any height and width."""
   height, width = x.shape[1:3]
-  return _apply_separable(x, _adaptive_pool_matrix(height, bins), _adaptive_pool_matrix(width, bins))
+  return _apply_separable(x, _adaptive_pool_matrix(height, bins),
+                          _adaptive_pool_matrix(width, bins), precision)
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:

@@ -12,14 +12,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pspnet_jax.models.layers import ConvBNReLU, adaptive_avg_pool, conv2d, resize_bilinear
-from pspnet_jax.models.resnet import BACKBONES, forward_stages
+from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES, forward_stages
 
 
 class PyramidPooling(nnx.Module):
   """Pyramid pooling: per bin, adaptive avg pool -> 1x1 conv-BN-ReLU -> upsample; concat with input."""
 
-  def __init__(self, in_features: int, bins, *, dtype, rngs):
+  def __init__(self, in_features: int, bins, *, precision=jax.lax.Precision.HIGHEST, dtype, rngs):
     self.bins = tuple(bins)
+    self.precision = precision
     reduction = in_features // len(self.bins)
     self.stages = nnx.List(
         [ConvBNReLU(in_features, reduction, 1, dtype=dtype, rngs=rngs) for _ in self.bins])
@@ -27,7 +28,8 @@ class PyramidPooling(nnx.Module):
 
   def __call__(self, x):
     size = x.shape[1:3]
-    pooled = [resize_bilinear(stage(adaptive_avg_pool(x, bins)), size, align_corners=True)
+    pooled = [resize_bilinear(stage(adaptive_avg_pool(x, bins, precision=self.precision)), size,
+                              align_corners=True, precision=self.precision)
               for bins, stage in zip(self.bins, self.stages)]
     return jnp.concatenate([x, *pooled], axis=-1)
 
@@ -54,17 +56,31 @@ class PSPNet(nnx.Module):
   float32 logits of shape (N, H', W', classes), H' = (H - 1) / 8 * zoom_factor + 1
   (= H for the default zoom_factor 8), upsampled with align_corners=True.
   `return_aux=True` also returns the aux logits (train-time deep supervision).
+
+  Switches that change cost, not the architecture (configs/default.py says
+  when to use them): `logits_dtype`, the dtype in which the logits are
+  upsampled and returned (bfloat16 halves the largest tensors of a training
+  step; the loss computes its softmax in float32 from them either way);
+  `resize_precision`, the matmul precision of the resize and pooling maps;
+  `remat`, rematerialization of the backbone ('none', 'block', 'stage').
   Mode switches the NNX way: `model.train()` (batch statistics, dropout on)
   and `model.eval()` (running statistics, no dropout).
   """
 
   def __init__(self, num_classes: int, *, backbone: str = 'resnet50', deep_stem: bool = True,
                output_stride: int = 8, use_ppm: bool = True, ppm_bins=(1, 2, 3, 6),
-               dropout: float = 0.1, zoom_factor: int = 8, dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.1, zoom_factor: int = 8, dtype=jnp.float32,
+               logits_dtype=jnp.float32, resize_precision=jax.lax.Precision.HIGHEST,
+               remat: str = 'none', rngs: nnx.Rngs):
     if backbone not in BACKBONES:
       raise ValueError(f'unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}')
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat {remat!r}; choose one of {REMAT_POLICIES}')
     self.zoom_factor = zoom_factor
     self.dtype = dtype
+    self.logits_dtype = logits_dtype
+    self.resize_precision = resize_precision
+    self.remat = remat
     resnet = BACKBONES[backbone](deep_stem=deep_stem, output_stride=output_stride, dtype=dtype,
                                  rngs=rngs)
     # The stages live directly on the model, as in the official state_dict.
@@ -72,7 +88,8 @@ class PSPNet(nnx.Module):
     self.layer3, self.layer4 = resnet.layer3, resnet.layer4
     aux_features, features = resnet.stage_features[2:]
     if use_ppm:
-      self.ppm = PyramidPooling(features, ppm_bins, dtype=dtype, rngs=rngs)
+      self.ppm = PyramidPooling(features, ppm_bins, precision=resize_precision, dtype=dtype,
+                                rngs=rngs)
       features = self.ppm.out_features
     else:
       self.ppm = None
@@ -80,15 +97,15 @@ class PSPNet(nnx.Module):
     self.aux = SegmentationHead(aux_features, 256, num_classes, dropout, dtype=dtype, rngs=rngs)
 
   def _upsample(self, logits, input_size):
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(self.logits_dtype)
     if self.zoom_factor == 1:
       return logits
     size = tuple(int((s - 1) / 8 * self.zoom_factor + 1) for s in input_size)
-    return resize_bilinear(logits, size, align_corners=True)
+    return resize_bilinear(logits, size, align_corners=True, precision=self.resize_precision)
 
   def __call__(self, images: jax.Array, *, return_aux: bool = False):
     input_size = images.shape[1:3]
-    _, _, layer3_out, x = forward_stages(self, images.astype(self.dtype))
+    _, _, layer3_out, x = forward_stages(self, images.astype(self.dtype), remat=self.remat)
     if self.ppm is not None:
       x = self.ppm(x)
     logits = self._upsample(self.cls(x), input_size)

@@ -137,17 +137,38 @@ class ResNet(nnx.Module):
     # Channels of layer1..layer4 outputs (the aux head reads layer3, the PPM layer4).
     self.stage_features = tuple(64 * 2**i * block.expansion for i in range(4))
 
-  def __call__(self, x):
-    return forward_stages(self, x)
+  def __call__(self, x, *, remat: str = 'none'):
+    return forward_stages(self, x, remat=remat)
 
 
-def forward_stages(model: nnx.Module, x: jax.Array) -> list[jax.Array]:
-  """Runs `model.layer0..layer4` (a ResNet, or a PSPNet that holds them); layer1..4 outputs."""
-  x = model.layer0(x)
+# Rematerialization of the backbone: 'none' keeps every activation the backward needs;
+# 'block' keeps only each residual block's input and recomputes the block in the backward;
+# 'stage' keeps only each stage's input (layer0 .. layer4).
+REMAT_POLICIES = ('none', 'block', 'stage')
+
+
+def _run_blocks(blocks, x):
+  for block in blocks:
+    x = block(x)
+  return x
+
+
+def forward_stages(model: nnx.Module, x: jax.Array, *, remat: str = 'none') -> list[jax.Array]:
+  """Runs `model.layer0..layer4` (a ResNet, or a PSPNet that holds them); layer1..4 outputs.
+
+  `remat` (REMAT_POLICIES) trades the memory of saved activations for a second
+  forward pass of the rematerialized parts in the backward; the values agree to float
+  rounding (XLA may fuse the recomputation differently).
+  """
+  call = nnx.remat(_run_blocks) if remat == 'stage' else _run_blocks
+  x = call([model.layer0], x)
   features = []
   for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-    for block in stage:
-      x = block(x)
+    if remat == 'block':
+      for block in stage:
+        x = nnx.remat(_run_blocks)([block], x)
+    else:
+      x = call(stage, x)
     features.append(x)
   return features
 
