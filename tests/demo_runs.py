@@ -30,8 +30,11 @@ def demo_config(data_dir, overrides: dict):
   config = demo.get_config()
   config.data.data_dir = data_dir
   for key, value in overrides.items():
-    section, field = key.rsplit('.', 1)
-    config[section][field] = value
+    *sections, field = key.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[field] = value
   return config
 
 

@@ -1,7 +1,8 @@
 """The demo learns, and pyramid pooling is what resolves the context-only classes.
 
 Two short runs of `python -m pspnet_jax.main --config=configs/demo.py`, side by
-side, on a smaller synthetic set (200 images of 129-161 px, 100 steps at base_lr 0.0025):
+side, on a smaller synthetic set (200 images of 113-141 px, 113-px crops, 100 steps at
+base_lr 0.0025):
 PSPNet and the dilated-FCN baseline (`model.use_ppm=False`), same seed, same
 data, same steps. The yardsticks come
 from the validation labels, not from the model: chance is the mIoU of
@@ -24,8 +25,12 @@ pytestmark = pytest.mark.slow
 # pooling and heads start narrow behind BatchNorm, so at 10x the rate they need more than
 # 100 steps to settle (boat IoU at 0.01: 0.2%, 150 steps 0.2%; at 0.0025: 43%, FCN 10%).
 # The full demo separates boats from cars at 0.01 in 250 steps (README).
+# Sizes: 113-px crops (the demo's 129) cut the two runs' time by a quarter. Measured at these
+# settings (2026-11-24): seed 0 PSPNet mIoU 0.52 (chance 0.12), boat/car mean IoU 0.36 against
+# the FCN's 0.16; seed 1 0.48 (0.12), 0.38 against 0.10.
 OVERRIDES = {
-    'data.synthetic.min_size': 129, 'data.synthetic.max_size': 161,
+    'data.synthetic.min_size': 113, 'data.synthetic.max_size': 141,
+    'data.crop_size': 113, 'eval.crop_size': 113,
     'data.synthetic.num_train': 200, 'data.synthetic.num_validation': 40,
     'train.num_steps': 100, 'train.eval_every': 0, 'train.checkpoint_every': 1000,
     'optim.base_lr': 0.0025}
