@@ -152,6 +152,22 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   # Exponent of the poly decay: lr(k) = base_lr * (1 - k / num_steps) ** power.
   config.optim.power = 0.9
+  # Large global batches (pspnet_jax/optim.py; the README's "Large global batches"). The
+  # defaults are the official optimizer unchanged.
+  # Scaling of both groups' base rates with the global batch B (train.batch_size): none |
+  # linear (x B / reference_batch_size) | sqrt (x sqrt(B / reference_batch_size)).
+  config.optim.lr_scaling = 'none'
+  # The global batch base_lr was tuned for (semseg: 16).
+  config.optim.reference_batch_size = 16
+  # Linear warmup: step k (0-based) runs at the poly rate times min(1, (k + 1) /
+  # (warmup_steps + 1)); the poly decay still spans all steps. 0: none.
+  config.optim.warmup_steps = 0
+  # LARS's layer-wise trust ratio on the kernels (not BatchNorm, not biases): each kernel's
+  # d = gradient + weight_decay * w is multiplied by trust_coefficient * ||w|| / ||d|| before
+  # the momentum. Changes what base_lr means: retune it.
+  config.optim.trust_ratio = False
+  # LARS's eta (You et al. 2017; optax.lars's default).
+  config.optim.trust_coefficient = 0.001
 
   config.train = ml_collections.ConfigDict()
   # Global batch size over all devices of all hosts (semseg: 16).

@@ -8,6 +8,7 @@ from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES
+from pspnet_jax.optim import LR_SCALINGS
 from pspnet_jax.weights import PRETRAINED_FORMATS
 
 
@@ -50,6 +51,14 @@ def validate(config) -> None:
     _require(optim[key] >= 0, f'optim.{key}', optim[key], 'must be >= 0')
   _require(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum, 'must be in [0, 1)')
   _require(optim.power > 0, 'optim.power', optim.power, 'must be > 0')
+  _require(optim.lr_scaling in LR_SCALINGS, 'optim.lr_scaling', optim.lr_scaling,
+           f'must be one of {LR_SCALINGS}')
+  _require(isinstance(optim.reference_batch_size, int) and optim.reference_batch_size >= 1,
+           'optim.reference_batch_size', optim.reference_batch_size, 'must be a positive integer')
+  _require(isinstance(optim.warmup_steps, int) and optim.warmup_steps >= 0, 'optim.warmup_steps',
+           optim.warmup_steps, 'must be a non-negative integer')
+  _require(optim.trust_coefficient > 0, 'optim.trust_coefficient', optim.trust_coefficient,
+           'must be > 0')
   train = config.train
   for key in ('batch_size', 'log_every', 'checkpoint_every', 'max_nonfinite_steps'):
     _require(isinstance(train[key], int) and train[key] >= 1, f'train.{key}', train[key],
@@ -83,7 +92,9 @@ RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_eve
 # code computed before the key existed: a checkpoint whose config lacks such a key resumes
 # under that value as unchanged. Every new key that changes the computation goes here.
 ADDED_KEYS = {'model.logits_dtype': 'float32', 'model.resize_precision': 'highest',
-              'model.remat': 'none'}
+              'model.remat': 'none', 'optim.lr_scaling': 'none',
+              'optim.reference_batch_size': 16, 'optim.warmup_steps': 0,
+              'optim.trust_ratio': False, 'optim.trust_coefficient': 0.001}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

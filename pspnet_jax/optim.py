@@ -8,7 +8,30 @@ PyTorch's SGD adds weight_decay * param to the gradient *before* the momentum
 buffer (buf = momentum * buf + grad + wd * p; p -= lr * buf), on every
 parameter, BatchNorm and biases included; that is exactly
 add_decayed_weights -> trace -> scale_by_learning_rate below.
+
+Large global batches (all off by default, which is the official optimizer
+above, bit for bit):
+
+- `optim.lr_scaling` multiplies both groups' base rates by
+  B / reference_batch_size ('linear', Goyal et al. 2017) or its square root
+  ('sqrt'), B the global batch.
+- `optim.warmup_steps` = W multiplies the poly rate of step k by
+  min(1, (k + 1) / (W + 1)): W steps below the full rate, the first at
+  1 / (W + 1) of it, none at 0 (torch's LinearLR with start_factor
+  1 / (W + 1)). The poly decay still runs over all num_steps, so from step W
+  on the rate is the unwarmed schedule's; this is how mmcv composes warmup
+  with poly (its LrUpdaterHook), and it keeps the rate a function of the step.
+- `optim.trust_ratio` adds LARS's layer-wise trust ratio (You et al. 2017):
+  each conv or linear kernel's update g + wd * w is scaled by
+  trust_coefficient * ||w|| / ||g + wd * w|| (optax.scale_by_trust_ratio)
+  before the momentum; BatchNorm parameters and biases (the 1-D leaves) are
+  left out, as LARS leaves them out. The order is the official one with the
+  ratio inserted: weight decay, trust ratio, momentum, learning rate.
+  (optax.lars applies the learning rate before the momentum, which is the
+  same while the rate is constant.)
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +39,8 @@ import optax
 
 # Top-level modules trained at head_lr_mult x the base rate (freshly initialized).
 HEAD_MODULES = ('ppm', 'cls', 'aux')
+# optim.lr_scaling: the factor of the base rates at global batch B, reference batch R.
+LR_SCALINGS = ('none', 'linear', 'sqrt')
 
 
 def poly_schedule(base_lr: float, num_steps: int, power: float) -> optax.Schedule:
@@ -33,30 +58,76 @@ def poly_schedule(base_lr: float, num_steps: int, power: float) -> optax.Schedul
   return schedule
 
 
+def warmup_poly_schedule(base_lr: float, num_steps: int, power: float,
+                         warmup_steps: int) -> optax.Schedule:
+  """k -> poly(k) * min(1, (k + 1) / (warmup_steps + 1)); the poly schedule itself when 0."""
+  poly = poly_schedule(base_lr, num_steps, power)
+  if warmup_steps == 0:
+    return poly
+
+  def schedule(step):
+    # Integer numerator, as in poly_schedule: (k + 1) / (W + 1) is one rounding from exact.
+    ramp = jnp.minimum(step + 1, warmup_steps + 1).astype(jnp.float32) / (warmup_steps + 1)
+    return poly(step) * ramp
+
+  return schedule
+
+
+def lr_scale(optim_config, batch_size: int | None) -> float:
+  """The factor of both groups' base rates at global batch `batch_size` (optim.lr_scaling).
+
+  'none' gives 1 whatever the batch; 'linear' and 'sqrt' need the batch and
+  refuse None, so that a caller that forgot it fails instead of training
+  unscaled.
+  """
+  if optim_config.lr_scaling == 'none':
+    return 1.0
+  if optim_config.lr_scaling not in LR_SCALINGS:
+    raise ValueError(f'config.optim.lr_scaling={optim_config.lr_scaling!r}: must be one of '
+                     f'{LR_SCALINGS}')
+  if batch_size is None:
+    raise ValueError(f'config.optim.lr_scaling={optim_config.lr_scaling!r} scales by the global '
+                     f'batch, which the caller did not give')
+  ratio = batch_size / optim_config.reference_batch_size
+  return ratio if optim_config.lr_scaling == 'linear' else math.sqrt(ratio)
+
+
 def param_group(path) -> str:
   """'head' for the pyramid pooling and the classifiers, 'backbone' for layer0..layer4."""
   return 'head' if path[0].key in HEAD_MODULES else 'backbone'
 
 
-def learning_rates(optim_config, num_steps: int) -> dict[str, optax.Schedule]:
-  """The schedule of each parameter group."""
+def trust_ratio_mask(params):
+  """True for the leaves LARS gives a trust ratio: kernels (ndim > 1), not BatchNorm or biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def learning_rates(optim_config, num_steps: int,
+                   batch_size: int | None = None) -> dict[str, optax.Schedule]:
+  """The schedule of each parameter group at global batch `batch_size` (used by optim.lr_scaling)."""
+  base_lr = optim_config.base_lr * lr_scale(optim_config, batch_size)
   return {
-      'backbone': poly_schedule(optim_config.base_lr, num_steps, optim_config.power),
-      'head': poly_schedule(optim_config.base_lr * optim_config.head_lr_mult, num_steps,
-                            optim_config.power),
-  }
+      group: warmup_poly_schedule(base_lr * multiplier, num_steps, optim_config.power,
+                                  optim_config.warmup_steps)
+      for group, multiplier in (('backbone', 1.0), ('head', optim_config.head_lr_mult))}
 
 
-def create_optimizer(optim_config, num_steps: int) -> optax.GradientTransformation:
-  """SGD as torch.optim.SGD(momentum, weight_decay) with semseg's two poly-decayed groups."""
+def create_optimizer(optim_config, num_steps: int,
+                     batch_size: int | None = None) -> optax.GradientTransformation:
+  """SGD as torch.optim.SGD(momentum, weight_decay) with semseg's two poly-decayed groups,
+  and the large-batch options of the module docstring (global batch `batch_size`)."""
 
   def sgd(schedule):
+    trust_ratio = ([optax.masked(
+        optax.scale_by_trust_ratio(trust_coefficient=optim_config.trust_coefficient),
+        trust_ratio_mask)] if optim_config.trust_ratio else [])
     return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
+                       *trust_ratio,
                        optax.trace(decay=optim_config.momentum, nesterov=False),
                        optax.scale_by_learning_rate(schedule))
 
   transforms = {group: sgd(schedule)
-                for group, schedule in learning_rates(optim_config, num_steps).items()}
+                for group, schedule in learning_rates(optim_config, num_steps, batch_size).items()}
   return optax.multi_transform(
       transforms, lambda params: jax.tree_util.tree_map_with_path(
           lambda path, _: param_group(path), params))

@@ -7,7 +7,7 @@ donated. BatchNorm therefore normalizes over the global batch (synchronized
 BatchNorm) without any collective written here.
 
 Time is counted in steps. The k-th step (0-based) uses the learning rate of
-`optim.poly_schedule` at k and the dropout key fold_in(seed, k), and global
+`optim.learning_rates` at k and the dropout key fold_in(seed, k), and global
 batch k is a function of (seed, k) (`pipeline.train_batches`): a restarted run
 takes exactly the steps an uninterrupted one would, bit for bit on the same
 mesh, and on another number of hosts, devices or data workers up to the
@@ -68,7 +68,7 @@ def create_train_state(config, mesh, num_steps: int):
   Returns (state, train graphdef, eval graphdef, optimizer); the graphdefs
   differ in the BatchNorm / dropout mode, which NNX keeps in the graph.
   """
-  tx = optim.create_optimizer(config.optim, num_steps)
+  tx = optim.create_optimizer(config.optim, num_steps, config.train.batch_size)
   return (train_state.init_train_state(config, tx, mesh), *train_state.graphdefs(config), tx)
 
 
@@ -117,7 +117,7 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
   """train_step under jit: state replicated and donated, batch sharded over `data`."""
   step_fn = functools.partial(
       train_step, graphdef=graphdef, tx=tx,
-      learning_rates=optim.learning_rates(config.optim, num_steps),
+      learning_rates=optim.learning_rates(config.optim, num_steps, config.train.batch_size),
       aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
       seed=config.seed)
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
@@ -228,7 +228,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   num_examples = pipeline.num_examples(config, config.data.train_split)
   num_steps = num_train_steps(config, num_examples)
 
-  tx = optim.create_optimizer(config.optim, num_steps)
+  tx = optim.create_optimizer(config.optim, num_steps, config.train.batch_size)
   graphdef, eval_graphdef = train_state.graphdefs(config)
   names = registry.class_names(config)
   checkpointer = checkpoint.TrainCheckpointer(workdir)

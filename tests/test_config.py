@@ -72,7 +72,9 @@ def test_bad_variants_are_named(arg, message):
     ('model.dropout', 1.5), ('data.num_classes', 0), ('data.ignore_label', 100),
     ('model.ppm_bins', ()), ('model.pretrained_format', 'onnx'), ('model.zoom_factor', 3),
     ('train.batch_size', 0), ('train.log_every', 0), ('train.num_epochs', 0),
-    ('eval.batch_size', 0), ('data.augment.recipe', 'autoaugment')])
+    ('eval.batch_size', 0), ('data.augment.recipe', 'autoaugment'),
+    ('optim.lr_scaling', 'cube'), ('optim.reference_batch_size', 0), ('optim.warmup_steps', -1),
+    ('optim.trust_coefficient', 0.0)])
 def test_validation_names_the_bad_key(key, value):
   config = default.get_config()
   section, field = key.rsplit('.', 1)

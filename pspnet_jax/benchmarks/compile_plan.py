@@ -128,7 +128,7 @@ def plan(config, topology: str, batch_size: int | None = None, *,
   chip = TPU_CHIPS[devices[0].device_kind]
   # The schedule's length does not change what a step computes.
   num_steps = max(config.train.num_steps, 1)
-  tx = optim.create_optimizer(config.optim, num_steps)
+  tx = optim.create_optimizer(config.optim, num_steps, batch_size)
   graphdef, eval_graphdef = train_state.graphdefs(config)
   state = train_state.abstract_train_state(config, tx, mesh)
   step_fn = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config,
