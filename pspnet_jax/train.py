@@ -285,6 +285,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   window = []          # host metrics of the steps since the last log
   consecutive_nonfinite = 0
   window_start = time.perf_counter()
+  data_wait = 0.0      # seconds of the window spent waiting for the next batch
   results = {}
   data_iterator = pipeline.train_batches(config, step, num_steps)
 
@@ -330,7 +331,11 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       return {}
     pending = None   # the previous step's metrics, read while the next step runs
     while step < num_steps:
+      # The step before runs on the devices meanwhile (dispatch is asynchronous): time spent
+      # here beyond the transfer is the host's preparation falling behind.
+      wait_start = time.perf_counter()
       batch = sharding.to_global(next(data_iterator), mesh)
+      data_wait += time.perf_counter() - wait_start
       state, step_metrics = compiled_step(state, batch)
       step += 1
       checkpointer.check_for_errors()
@@ -350,10 +355,13 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
                     'train/lr_head': float(window[-1]['lr_head']),
                     'train/steps_per_sec': len(window) / elapsed,
                     'train/images_per_sec': len(window) * config.train.batch_size / elapsed,
+                    # Near 1: input-bound (more data.worker_count); near 0: compute-bound.
+                    'train/data_wait_fraction': data_wait / elapsed,
                     'train/nonfinite_steps': nonfinite_total})
         writer.write_scalars(step, row)
         window = []
         window_start = time.perf_counter()
+        data_wait = 0.0
       if stopping:
         save(step)
         logging.info('stopped at step %d on request; checkpoint saved, restart the same command '

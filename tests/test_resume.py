@@ -47,6 +47,13 @@ def test_sigterm_saves_a_checkpoint_part_way(runs):
   assert len(stopped_at) == 1 and 3 <= stopped_at[0] < RESUME_STEPS, stopped_at
 
 
+def test_every_logged_window_reports_its_share_of_waiting_for_data(runs):
+  straight, _, _ = runs
+  fractions = [row['train/data_wait_fraction'] for row in read_rows(straight)
+               if 'train/loss' in row]
+  assert len(fractions) == RESUME_STEPS and all(0.0 <= f <= 1.0 for f in fractions), fractions
+
+
 def test_restarted_run_equals_uninterrupted_run_bitwise(runs):
   straight, stopped, _ = runs
   expected = read_rows(straight)
