@@ -11,8 +11,8 @@ failure in miniature. Same recipe as the real datasets (poly SGD with 10x
 heads, aux loss, semseg augmentation), with a ResNet-18 at output stride 16
 and small crops so the whole run fits in five minutes on a 2-core CPU.
 
-Expected (2026-11-23, 2-core CPU, 4 min 45 s): mIoU 62.5, boat / car IoU
-57.6 / 57.9; the FCN baseline 51.5, boat / car 0.3 / 29.2. Details in the README.
+Expected (2026-11-24, 2-core CPU, 4 min 9 s): mIoU 62.6, boat / car IoU
+58.5 / 55.3; the FCN baseline 51.8, boat / car 0.2 / 28.9. Details in the README.
 """
 
 from configs import default
