@@ -46,8 +46,15 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   # Grain worker processes per host for augmentation (0: threads of the training
-  # process). Free to change on a resume: the batches do not depend on it.
-  config.data.worker_count = 0
+  # process; -1: by the host's cores, `pipeline.worker_count`). Free to change on a resume:
+  # the batches do not depend on it.
+  config.data.worker_count = -1
+  # Training images on their way to the devices: float32 (normalized on the host: the
+  # official augmentation to the last bit) or uint8 (RGB rounded to the nearest grey level
+  # after augmentation, at most 0.0087 once normalized, and normalized by the training step
+  # on the devices: a quarter of the bytes through the host and the host-to-device link;
+  # the choice for accelerators, README "GPU and TPU"). Labels travel as uint8 either way.
+  config.data.batch_dtype = 'float32'
   # Batches each worker prepares ahead of the training step.
   config.data.prefetch = 2
   # Normalization, RGB order: (pixel - mean) / std; the ImageNet statistics times 255.

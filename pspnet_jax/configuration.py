@@ -3,7 +3,7 @@ work; a resumed run compares its config with the one it was started with (`resum
 
 import json
 
-from pspnet_jax.data.transforms import RECIPES
+from pspnet_jax.data.transforms import BATCH_DTYPES, RECIPES
 from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.layers import PRECISIONS
@@ -25,6 +25,10 @@ def validate(config) -> None:
   _require(0 <= data.ignore_label and data.ignore_label >= data.num_classes, 'data.ignore_label',
            data.ignore_label, f'must be >= data.num_classes ({data.num_classes})')
   _require(data.crop_size >= 33, 'data.crop_size', data.crop_size, 'must be at least 33')
+  _require(data.batch_dtype in BATCH_DTYPES, 'data.batch_dtype', data.batch_dtype,
+           f'must be one of {BATCH_DTYPES}')
+  _require(isinstance(data.worker_count, int) and data.worker_count >= -1, 'data.worker_count',
+           data.worker_count, 'must be -1 (by the cores), 0 (threads) or a number of processes')
   _require(data.augment.recipe in RECIPES, 'data.augment.recipe', data.augment.recipe,
            f'must be one of {sorted(RECIPES)}')
   _require(model.backbone in BACKBONES, 'model.backbone', model.backbone,
@@ -91,9 +95,9 @@ RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_eve
 # Keys added after checkpoints were first written, with the value that computes what the
 # code computed before the key existed: a checkpoint whose config lacks such a key resumes
 # under that value as unchanged. Every new key that changes the computation goes here.
-ADDED_KEYS = {'model.logits_dtype': 'float32', 'model.resize_precision': 'highest',
-              'model.remat': 'none', 'optim.lr_scaling': 'none',
-              'optim.reference_batch_size': 16, 'optim.warmup_steps': 0,
+ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
+              'model.resize_precision': 'highest', 'model.remat': 'none',
+              'optim.lr_scaling': 'none', 'optim.reference_batch_size': 16, 'optim.warmup_steps': 0,
               'optim.trust_ratio': False, 'optim.trust_coefficient': 0.001}
 
 

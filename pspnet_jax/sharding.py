@@ -7,6 +7,9 @@ no `axis_name` reduces over all devices: synchronized BatchNorm comes from the
 sharding, not from a special layer.
 """
 
+import collections
+import itertools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -52,6 +55,26 @@ def to_global(host_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharded(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in host_batch.items()}
+
+
+def prefetch_to_mesh(host_batches, mesh: Mesh, size: int):
+  """The host batches of `host_batches` as global arrays (`to_global`), sent `size` ahead.
+
+  When a batch is yielded, the next `size` batches have been sent too, so a
+  batch's transfer overlaps the steps dispatched before it instead of
+  delaying its own (transfers are asynchronous on accelerators).
+  """
+  queue = collections.deque()
+
+  def send(count):
+    for host_batch in itertools.islice(host_batches, count):
+      queue.append(to_global(host_batch, mesh))
+
+  send(size)
+  while queue:
+    batch = queue.popleft()
+    send(1)
+    yield batch
 
 
 def replicate(tree, mesh: Mesh):

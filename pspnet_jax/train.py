@@ -41,6 +41,8 @@ from pspnet_jax.train_state import TrainState
 
 # One file per start of a run: the configs a workdir was trained with, in order.
 CONFIG_HISTORY_DIR = 'config_history'
+# Global batches on their way to the devices while a step runs (beyond the one it takes).
+PREFETCH_TO_DEVICES = 2
 
 
 def num_train_steps(config, num_examples: int) -> int:
@@ -72,19 +74,32 @@ def create_train_state(config, mesh, num_steps: int):
   return (train_state.init_train_state(config, tx, mesh), *train_state.graphdefs(config), tx)
 
 
+def device_images(images: jax.Array, mean, std) -> jax.Array:
+  """A training batch's images as the model takes them: uint8 RGB normalized here, on the
+  devices, as `transforms.normalize` does on the host, float32 (x - mean) / std (to one unit
+  in the last place: XLA divides by constants as a product with the reciprocal); float32
+  images come normalized from the host (data.batch_dtype)."""
+  if images.dtype != jnp.uint8:
+    return images
+  return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(
+      std, jnp.float32)
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: dict,
-               aux_weight: float, ignore_label: int, seed: int):
-  """One SGD step on a (global) batch {'image' NHWC float32, 'label' NHW int32}.
+               aux_weight: float, ignore_label: int, seed: int, mean, std):
+  """One SGD step on a (global) batch {'image' NHWC uint8 RGB or normalized float32, 'label'
+  NHW uint8 or int32}.
 
   Returns (new state, metrics of this step as scalars).
   """
-  labels = batch['label']
+  images = device_images(batch['image'], mean, std)
+  labels = batch['label'].astype(jnp.int32)
 
   def loss_fn(params):
     # copy=True: fresh Variables at this trace level (NNX refuses to mutate ones from outside).
     model = nnx.merge(graphdef, params, state.batch_stats, state.rngs, copy=True)
     nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state.step))
-    logits, aux_logits = model(batch['image'], return_aux=True)
+    logits, aux_logits = model(images, return_aux=True)
     loss, parts = losses.pspnet_loss(logits, aux_logits, labels, aux_weight=aux_weight,
                                      ignore_label=ignore_label)
     return loss, (parts, logits, nnx.state(model, nnx.BatchStat))
@@ -119,20 +134,21 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
       train_step, graphdef=graphdef, tx=tx,
       learning_rates=optim.learning_rates(config.optim, num_steps, config.train.batch_size),
       aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
-      seed=config.seed)
+      seed=config.seed, mean=tuple(config.data.mean), std=tuple(config.data.std))
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)
 
 
-def abstract_batch(config, mesh, batch_size: int) -> dict:
-  """The shapes of a global batch of `batch_size` crops, split over `data` (train and eval
-  batches alike), for lowering a step ahead of time."""
+def abstract_batch(config, mesh, batch_size: int, dtypes: dict) -> dict:
+  """The shapes of a global batch of `batch_size` crops with the host's `dtypes`
+  (`pipeline.train_batch_dtypes`, `pipeline.EVAL_BATCH_DTYPES`), split over `data`, for
+  lowering a step ahead of time."""
   crop = config.data.crop_size
   batch_sharded = sharding.batch_sharded(mesh)
-  return {'image': jax.ShapeDtypeStruct((batch_size, crop, crop, 3), jnp.float32,
+  return {'image': jax.ShapeDtypeStruct((batch_size, crop, crop, 3), dtypes['image'],
                                         sharding=batch_sharded),
-          'label': jax.ShapeDtypeStruct((batch_size, crop, crop), jnp.int32,
+          'label': jax.ShapeDtypeStruct((batch_size, crop, crop), dtypes['label'],
                                         sharding=batch_sharded)}
 
 
@@ -271,8 +287,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
 
   step_fn = jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=num_steps)
   compile_start = time.perf_counter()
-  compiled_step = step_fn.lower(state, abstract_batch(config, mesh,
-                                                      config.train.batch_size)).compile()
+  compiled_step = step_fn.lower(state, abstract_batch(
+      config, mesh, config.train.batch_size, pipeline.train_batch_dtypes(config))).compile()
   logging.info('train step compiled in %.1f s; %d examples per process per step',
                time.perf_counter() - compile_start, local_rows)
   _log_compiled(compiled_step, config, mesh, state)
@@ -288,6 +304,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   data_wait = 0.0      # seconds of the window spent waiting for the next batch
   results = {}
   data_iterator = pipeline.train_batches(config, step, num_steps)
+  # Batches are sent to the devices ahead of their step, while the steps before run.
+  device_batches = sharding.prefetch_to_mesh(data_iterator, mesh, PREFETCH_TO_DEVICES)
 
   def checkpoint_meta(step):
     # TRAINING_META_KEY ('num_steps') marks a training checkpoint for restore.
@@ -332,9 +350,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
     pending = None   # the previous step's metrics, read while the next step runs
     while step < num_steps:
       # The step before runs on the devices meanwhile (dispatch is asynchronous): time spent
-      # here beyond the transfer is the host's preparation falling behind.
+      # here is the host's preparation (or the transfer) falling behind.
       wait_start = time.perf_counter()
-      batch = sharding.to_global(next(data_iterator), mesh)
+      batch = next(device_batches)
       data_wait += time.perf_counter() - wait_start
       state, step_metrics = compiled_step(state, batch)
       step += 1

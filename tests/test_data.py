@@ -270,15 +270,42 @@ def test_normalize_and_eval_resize():
   assert tall.shape == (33, 33, 3)
 
 
-def test_train_augment_gives_normalized_crops_with_known_classes(data_dir):
+@pytest.mark.parametrize('recipe', ['semseg', 'mmseg'])
+def test_uint8_crops_are_the_float32_crops_rounded(data_dir, recipe):
+  """data.batch_dtype: the float32 crop (normalized on the host, the official values) is the
+  reference; the uint8 crop is its RGB rounded, so once normalized it is within half a grey
+  level of it (padding included: the mean rounded), with the same labels."""
   config = tiny_config(data_dir)
+  config.data.augment.recipe = recipe
   image, label = coded_pair(45, 50)
+  image = image.astype(np.uint8)   # decoded images are uint8 (and mmseg's chain insists)
+  half_level = 0.5 / min(STD) + 1e-6
   for seed in range(10):
+    config.data.batch_dtype = 'float32'
+    reference, reference_label = transforms.train_augment(image, label,
+                                                          np.random.default_rng(seed), config)
+    config.data.batch_dtype = 'uint8'
     out, out_label = transforms.train_augment(image, label, np.random.default_rng(seed), config)
     again = transforms.train_augment(image, label, np.random.default_rng(seed), config)
     np.testing.assert_array_equal(out, again[0])
-    assert out.shape == (33, 33, 3) and out.dtype == np.float32 and out_label.shape == (33, 33)
+    assert reference.dtype == np.float32 and out.dtype == np.uint8
+    assert out.shape == (33, 33, 3) and out_label.shape == (33, 33)
+    np.testing.assert_array_equal(out_label, reference_label)
     assert set(np.unique(out_label)) <= set(np.unique(label)) | {IGNORE}
+    denormalized = reference * np.asarray(STD, np.float32) + np.asarray(MEAN, np.float32)
+    assert np.abs(out - denormalized).max() <= 0.5 + 1e-3
+    np.testing.assert_allclose(transforms.normalize(out, MEAN, STD), reference, rtol=0,
+                               atol=half_level)
+
+
+def test_worker_count_by_the_cores(data_dir, monkeypatch):
+  config = tiny_config(data_dir)
+  for cores, workers in ((2, 0), (7, 0), (8, 4), (16, 8), (224, 32)):
+    monkeypatch.setattr(pipeline.os, 'sched_getaffinity', lambda pid, n=cores: set(range(n)))
+    config.data.worker_count = -1
+    assert pipeline.worker_count(config) == workers, cores
+    config.data.worker_count = 3
+    assert pipeline.worker_count(config) == 3
 
 
 # --- loaders ---------------------------------------------------------------------------------
@@ -301,7 +328,7 @@ def test_train_batches_depend_on_the_seed_only(data_dir):
   first = take(config, 0, 3)
   for batch in first:
     assert batch['image'].shape == (6, 33, 33, 3) and batch['image'].dtype == np.float32
-    assert batch['label'].shape == (6, 33, 33) and batch['label'].dtype == np.int32
+    assert batch['label'].shape == (6, 33, 33) and batch['label'].dtype == np.uint8
     assert set(np.unique(batch['label'])) <= set(range(synthetic.NUM_CLASSES)) | {IGNORE}
   assert_same_batches(first, take(config, 0, 3))
   config.seed = 1

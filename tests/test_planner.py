@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs import demo
 from pspnet_jax import evaluation, optim, sharding, train, train_state
 from pspnet_jax.benchmarks import compile_plan
+from pspnet_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP, BATCH, DEVICES = 33, 8, 4   # v5e:2x2 has 4 chips: 2 crops each
@@ -79,15 +80,17 @@ def cpu_step():
   state = train_state.abstract_train_state(config, tx, mesh)
   compiled = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config,
                                   num_steps=1).lower(
-                                      state, train.abstract_batch(config, mesh, BATCH)).compile()
+                                      state, train.abstract_batch(
+                                          config, mesh, BATCH,
+                                          pipeline.train_batch_dtypes(config))).compile()
   return config, mesh, state, eval_graphdef, compiled
 
 
 def reference_argument_bytes(state) -> int:
-  """The replicated train state plus one device's share of the batch (float32 image, int32
+  """The replicated train state plus one device's share of the batch (float32 image, uint8
   label)."""
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  return state_bytes + BATCH // DEVICES * CROP * CROP * (3 * 4 + 4)
+  return state_bytes + BATCH // DEVICES * CROP * CROP * (3 * 4 + 1)
 
 
 def test_compiled_costs_arguments_are_the_state_and_a_batch_share(cpu_step):
@@ -114,7 +117,8 @@ def test_eval_step_has_one_all_reduce_the_confusion_matrix(cpu_step):
   config, mesh, state, eval_graphdef, _ = cpu_step
   eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
   compiled = eval_fn.lower(train_state.model_variables(state),
-                           train.abstract_batch(config, mesh, config.eval.batch_size)).compile()
+                           train.abstract_batch(config, mesh, config.eval.batch_size,
+                                                pipeline.EVAL_BATCH_DTYPES)).compile()
   assert compile_plan.collective_counts(compiled.as_text())['all_reduces'] == 1
 
 

@@ -1,11 +1,13 @@
 """The train step: 8 devices = 1 device, non-finite steps skipped whole, the official lr trace."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import default
 from pspnet_jax import sharding, train
+from pspnet_jax.data import transforms
 
 
 def small_config(**overrides):
@@ -44,9 +46,9 @@ def relative_error(a, b):
 
 
 def flat(tree):
-  """All floating-point leaves of a tree as one float64 vector."""
+  """All floating-point leaves of a tree as one float64 vector (random keys left out)."""
   return np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(tree)
-                         if np.issubdtype(np.asarray(leaf).dtype, np.floating)])
+                         if jnp.issubdtype(leaf.dtype, jnp.floating)])
 
 
 def test_eight_devices_equal_one_device():
@@ -130,3 +132,51 @@ def test_learning_rates_follow_the_official_formula_for_both_groups():
     expected = 0.02 * (1 - k / num_steps) ** 0.9
     assert float(step_metrics['lr_backbone']) == pytest.approx(expected, rel=1e-6)
     assert float(step_metrics['lr_head']) == pytest.approx(10 * expected, rel=1e-6)
+
+
+def uint8_batch(config, seed=0):
+  """A batch as the host ships it with data.batch_dtype = 'uint8': RGB and labels as uint8."""
+  rng = np.random.default_rng(seed)
+  batch = make_batch(config, seed)
+  images = rng.integers(0, 256, batch['image'].shape, dtype=np.uint8)
+  return {'image': images, 'label': batch['label'].astype(np.uint8)}
+
+
+def reciprocal_normalize(images, config):
+  """numpy's (x - mean) * (1 / std) in float32: XLA's form of a division by constants."""
+  mean, std = (np.asarray(values, np.float32) for values in (config.data.mean, config.data.std))
+  return (images.astype(np.float32) - mean) * (np.float32(1) / std)
+
+
+def test_device_normalization_of_uint8_batches_equals_the_host_one():
+  """`train.device_images` on the 8 devices of the mesh is `transforms.normalize` to within one
+  unit in the last place: XLA divides by the constant std as a product with its reciprocal."""
+  config = small_config()
+  mesh = sharding.make_mesh()
+  images = uint8_batch(config)['image']
+  normalize = jax.jit(lambda x: train.device_images(x, config.data.mean, config.data.std))
+  on_devices = np.asarray(normalize(sharding.to_global({'image': images}, mesh)['image']))
+  host = np.stack([transforms.normalize(image, config.data.mean, config.data.std)
+                   for image in images])
+  assert on_devices.dtype == np.float32
+  np.testing.assert_array_max_ulp(on_devices, host, maxulp=1)
+  np.testing.assert_array_equal(on_devices, reciprocal_normalize(images, config))
+
+
+def test_a_uint8_batch_trains_as_its_float32_twin():
+  """The step on uint8 RGB and uint8 labels is the step on the same images normalized in numpy
+  (as XLA does, `reciprocal_normalize`) and int32 labels, bit for bit: same loss, same new
+  weights and statistics."""
+  config = small_config(**{'data.crop_size': 33, 'train.batch_size': 2})
+  mesh = sharding.make_mesh(jax.devices()[:1])
+  shipped = uint8_batch(config)
+  twin = {'image': reciprocal_normalize(shipped['image'], config),
+          'label': shipped['label'].astype(np.int32)}
+  state, graphdef, _, tx = train.create_train_state(config, mesh, 10)
+  step = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config, num_steps=10)
+  # The step donates its state: the twin starts from a copy.
+  twin_state = jax.tree.map(jnp.copy, state)
+  after, step_metrics = jax.device_get(step(state, sharding.to_global(shipped, mesh)))
+  twin_after, twin_metrics = jax.device_get(step(twin_state, sharding.to_global(twin, mesh)))
+  assert step_metrics['loss'] == twin_metrics['loss']
+  np.testing.assert_array_equal(flat(after), flat(twin_after))

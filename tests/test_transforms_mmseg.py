@@ -158,13 +158,28 @@ def test_photometric_distortion_brightness_alone():
   np.testing.assert_array_equal(out, [[[20, 120, 255]]])
 
 
-def test_pad_bottom_right_with_zero_and_ignore():
+def pad_bottom_right(image, label, config):
+  """mmseg's Pad to the crop, bottom and right (`transforms.place_in_crop` at the corner)."""
+  return transforms.place_in_crop(image, label, slice(0, label.shape[0]),
+                                  slice(0, label.shape[1]), config.data)
+
+
+def test_padding_is_the_mean_and_ignore_in_either_batch_dtype():
   image, label = coded_pair(20, 30)
-  padded, padded_label = transforms.pad_bottom_right(image, label, 33, IGNORE)
+  config = mmseg_config()
+  padded, padded_label = pad_bottom_right(image, label, config)
   assert padded.shape == (33, 33, 3) and padded_label.shape == (33, 33)
-  np.testing.assert_array_equal(padded[:20, :30], image)
+  assert padded.dtype == np.float32
+  np.testing.assert_array_equal(padded[:20, :30], transforms.normalize(image, MEAN, STD))
   np.testing.assert_array_equal(padded_label[:20, :30], label)
+  # After mmseg's normalization its zero padding is the mean colour.
   assert (padded[20:] == 0).all() and (padded[:, 30:] == 0).all()
+  assert (padded_label[20:] == IGNORE).all() and (padded_label[:, 30:] == IGNORE).all()
+  config.data.batch_dtype = 'uint8'
+  padded, padded_label = pad_bottom_right(image, label, config)
+  assert padded.dtype == np.uint8
+  np.testing.assert_array_equal(padded[:20, :30], image)
+  assert (padded[20:] == (124, 116, 104)).all() and (padded[:, 30:] == (124, 116, 104)).all()
   assert (padded_label[20:] == IGNORE).all() and (padded_label[:, 30:] == IGNORE).all()
 
 
@@ -192,7 +207,9 @@ def test_mmseg_geometry_keeps_image_and_label_aligned():
     out, out_label = transforms.mmseg_random_resize(image, label, rng, (80, 40), 0.5, 2.0)
     out, out_label = transforms.mmseg_random_crop(out, out_label, rng, 33, 0.75, IGNORE)
     out, out_label = transforms.hflip(out, out_label, rng, 0.5)
-    out, out_label = transforms.pad_bottom_right(out, out_label, 33, IGNORE)
+    config = mmseg_config()
+    config.data.batch_dtype = 'uint8'
+    out, out_label = pad_bottom_right(out, out_label, config)
     valid = out_label != IGNORE
     exact = valid & (np.abs(out[..., 0] - out_label * 10.0) < 0.5)
     # Bilinear blending touches only a border of each 8-pixel block.
@@ -229,8 +246,7 @@ def test_recipe_dispatch():
   pair = transforms.mmseg_random_crop(*pair, rng, 33, 0.75, IGNORE)
   pair = transforms.hflip(*pair, rng, 0.5)
   pair = transforms.photometric_distortion(*pair, rng, 32.0, (0.5, 1.5), (0.5, 1.5), 18)
-  pair = transforms.pad_bottom_right(transforms.normalize(pair[0], MEAN, STD), pair[1], 33,
-                                     IGNORE)
+  pair = pad_bottom_right(*pair, config)
   mmseg = transforms.train_augment(image, label, np.random.default_rng(4), config)
   np.testing.assert_array_equal(mmseg[0], pair[0])
   np.testing.assert_array_equal(mmseg[1], pair[1])

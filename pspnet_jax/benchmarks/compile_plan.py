@@ -27,6 +27,7 @@ import time
 from typing import NamedTuple
 
 from pspnet_jax import evaluation, optim, sharding, train, train_state
+from pspnet_jax.data import pipeline
 
 GiB = 2**30
 
@@ -134,7 +135,8 @@ def plan(config, topology: str, batch_size: int | None = None, *,
   step_fn = train.jit_train_step(mesh, graphdef=graphdef, tx=tx, config=config,
                                  num_steps=num_steps)
   start = time.perf_counter()
-  compiled = step_fn.lower(state, train.abstract_batch(config, mesh, batch_size)).compile()
+  compiled = step_fn.lower(state, train.abstract_batch(
+      config, mesh, batch_size, pipeline.train_batch_dtypes(config))).compile()
   result = {'what': 'compile', 'topology': topology, 'device_kind': devices[0].device_kind,
             'devices': len(devices), 'backbone': config.model.backbone,
             'crop_size': config.data.crop_size, 'dtype': config.model.dtype,
@@ -149,7 +151,8 @@ def plan(config, topology: str, batch_size: int | None = None, *,
     start = time.perf_counter()
     compiled_eval = eval_fn.lower(
         train_state.model_variables(state),
-        train.abstract_batch(config, mesh, config.eval.batch_size)).compile()
+        train.abstract_batch(config, mesh, config.eval.batch_size,
+                             pipeline.EVAL_BATCH_DTYPES)).compile()
     result['eval_compile_seconds'] = round(time.perf_counter() - start, 1)
     result.update({f'eval_{key}': value for key, value in step_report(compiled_eval,
                                                                         chip).items()})

@@ -1,11 +1,13 @@
 """How fast the input pipeline delivers augmented images, beside semseg's way on the same files.
 
 `measure_input`: augmented images per second out of `pipeline.train_batches`
-(the config's augmentation, data.worker_count, batches of `batch_size`) over
-`steps` batches, after a warm-up that drains what the loader prepared while it
-started; also per CPU second, counting this process's threads and its Grain
-worker processes, the measure of cost per core whatever the threads and
-workers. The synthetic dataset is built into data.data_dir on first use,
+(the config's augmentation, data.batch_dtype and data.worker_count, batches
+of `batch_size`) and on the local devices, as training takes them (sent
+`train.PREFETCH_TO_DEVICES` ahead by `sharding.prefetch_to_mesh`, each
+waited for), over `steps` batches, after a warm-up that drains what the loader
+prepared while it started; also per CPU second, counting this process's
+threads and its Grain worker processes, the measure of cost per core whatever
+the threads and workers. The synthetic dataset is built into data.data_dir on first use,
 outside the timing. With `fake_ade20k=N` it measures on N ADE20K-sized pairs
 (`fake_ade20k.build`) in a temporary folder instead, and `semseg_reference`
 then also times semseg's way on the same files: cv2.imread and the semseg
@@ -19,9 +21,10 @@ import sys
 import tempfile
 
 import cv2
+import jax
 import numpy as np
 
-from pspnet_jax import configuration
+from pspnet_jax import configuration, sharding, train
 from pspnet_jax.benchmarks.fake_ade20k import build as build_fake_ade20k
 from pspnet_jax.benchmarks.timing import wall_and_cpu_seconds
 from pspnet_jax.data import pipeline, transforms
@@ -48,16 +51,21 @@ def measure_input(config, batch_size: int, steps: int, *, fake_ade20k: int = 0,
 def _measure_loader(config, batch_size: int, steps: int, semseg_pairs) -> dict:
   configuration.validate(config)
   config.train.batch_size = batch_size
-  workers = config.data.worker_count
+  mesh = sharding.make_mesh(jax.local_devices())
+  sharding.local_batch_size(batch_size, mesh)
+  workers = pipeline.worker_count(config)
   # A few batches to start up, plus the data.prefetch batches each worker may
   # have buffered while the first was awaited: those would inflate the rate.
   warmup = _INPUT_WARMUP_BATCHES + workers * config.data.prefetch
   # TFDS announces a dataset build on stdout, where the JSON line must stand alone.
   with contextlib.redirect_stdout(sys.stderr):
-    iterator = pipeline.train_batches(config, 0, warmup + steps)
+    # Each timed batch sends the one PREFETCH_TO_DEVICES later: those are loaded too.
+    iterator = pipeline.train_batches(config, 0, warmup + steps + train.PREFETCH_TO_DEVICES)
+  on_devices = sharding.prefetch_to_mesh(iterator, mesh, train.PREFETCH_TO_DEVICES)
+  take = lambda: jax.block_until_ready(next(on_devices))
   for _ in range(warmup):
-    next(iterator)
-  seconds, cpu_seconds = wall_and_cpu_seconds(lambda: next(iterator), steps)
+    take()
+  seconds, cpu_seconds = wall_and_cpu_seconds(take, steps)
   # Grain's worker processes end here, not while the semseg way is timed: `cpu_seconds`
   # counts live children, and one ending inside a window would take its CPU time out.
   iterator.close()
@@ -65,7 +73,8 @@ def _measure_loader(config, batch_size: int, steps: int, semseg_pairs) -> dict:
   # Per CPU second, not per worker: in this process Grain's threads prepare
   # batches beside the main thread, and OpenCV runs threads of its own.
   result = {'what': 'input', 'dataset': config.data.name, 'size': config.data.crop_size,
-            'batch_size': batch_size, 'worker_count': workers, 'steps': steps,
+            'batch_size': batch_size, 'batch_dtype': config.data.batch_dtype,
+            'worker_count': workers, 'devices': mesh.devices.size, 'steps': steps,
             'seconds_per_batch': round(seconds / steps, 4),
             'images_per_s': round(images / seconds, 2),
             'cpu_seconds': round(cpu_seconds, 2),

@@ -19,6 +19,8 @@ Examples are dicts {'image': HxWx3 uint8 RGB, 'label': HxWx1 uint8,
 'file_name': text}, the layout all our builders write.
 """
 
+import os
+
 from absl import flags
 import grain
 import jax
@@ -29,6 +31,38 @@ from pspnet_jax.data import labels, registry, transforms
 # Batches prepared ahead of the step, each by its own thread (Grain's default of
 # hundreds of elements in flight would be gigabytes of decoded images).
 _READ_AHEAD_BATCHES = 2
+
+
+# data.worker_count = -1 below this many cores: threads in the training process (measured on
+# 2 cores, worker processes delivered fewer images per CPU second than threads, BENCHMARKS.md).
+_MIN_CORES_FOR_WORKERS = 8
+# and at most this many worker processes (each holds data.prefetch batches).
+_MAX_AUTO_WORKERS = 32
+
+
+def worker_count(config) -> int:
+  """data.worker_count, with -1 resolved by the cores this process may run on.
+
+  -1 gives half of them as Grain worker processes (the other half for the
+  training process: its dispatch, transfers and OpenCV's own threads), up to
+  _MAX_AUTO_WORKERS, and none below _MIN_CORES_FOR_WORKERS cores. The cores
+  are the process's affinity (a SLURM task's --cpus-per-task), not the host's.
+  `python -m pspnet_jax.benchmark --what=input` measures a host's rate for
+  each count.
+  """
+  if config.data.worker_count >= 0:
+    return config.data.worker_count
+  cores = len(os.sched_getaffinity(0))
+  return 0 if cores < _MIN_CORES_FOR_WORKERS else min(cores // 2, _MAX_AUTO_WORKERS)
+
+
+def train_batch_dtypes(config) -> dict:
+  """The numpy dtypes of a training batch's arrays as they leave the host (`train_batches`)."""
+  return {'image': np.dtype(config.data.batch_dtype), 'label': np.dtype(np.uint8)}
+
+
+# An evaluation batch (`eval_batches`): normalized images, labels the eval step compares as is.
+EVAL_BATCH_DTYPES = {'image': np.dtype(np.float32), 'label': np.dtype(np.int32)}
 
 
 def load_split(config, split: str):
@@ -152,15 +186,16 @@ class ProcessRows:
                                               self.config)
       images.append(image)
       labels.append(label)
-    return {'image': np.stack(images), 'label': np.stack(labels).astype(np.int32)}
+    return {'image': np.stack(images), 'label': np.stack(labels)}
 
 
 def train_batches(config, first_step: int, num_steps: int, *, process_index: int | None = None,
                   process_count: int | None = None):
   """This process's rows of the global training batches first_step, ..., num_steps - 1.
 
-  Each item: {'image': float32 (b, crop, crop, 3) normalized, 'label': int32
-  (b, crop, crop)}, rows [p*b, (p+1)*b) of the global batch of
+  Each item: {'image': (b, crop, crop, 3) normalized float32 or uint8 RGB
+  (data.batch_dtype, `transforms.place_in_crop`), 'label': uint8 (b, crop,
+  crop)}, rows [p*b, (p+1)*b) of the global batch of
   train.batch_size, b = train.batch_size / process_count. Global batch k is a
   function of (config.seed, k) alone (`GlobalOrder`, `ProcessRows`): a run
   resumes at its step on any number of processes, devices or Grain workers
@@ -169,7 +204,8 @@ def train_batches(config, first_step: int, num_steps: int, *, process_index: int
   process_index, process_count = _processes(process_index, process_count)
   rows_per_process = _per_process_batch(config.train.batch_size, process_count,
                                         'train.batch_size')
-  if config.data.worker_count > 0 and not flags.FLAGS.is_parsed():
+  workers = worker_count(config)
+  if workers > 0 and not flags.FLAGS.is_parsed():
     # Grain's worker processes read absl flags: outside an absl app (pytest, a
     # notebook) they would fail with UnparsedFlagAccessError; take the defaults.
     flags.FLAGS.mark_as_parsed()
@@ -183,9 +219,9 @@ def train_batches(config, first_step: int, num_steps: int, *, process_index: int
   # in order, so the sequence is the same for any worker count.
   batches = batches.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_AHEAD_BATCHES, prefetch_buffer_size=_READ_AHEAD_BATCHES))
-  if config.data.worker_count > 0:
+  if workers > 0:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.worker_count, per_worker_buffer_size=config.data.prefetch))
+        num_workers=workers, per_worker_buffer_size=config.data.prefetch))
   return iter(batches)
 
 

@@ -27,7 +27,9 @@ same draws, ranges and rounding as mmseg/mmcv (checked against mmseg 1.x's
 `SegDataPreProcessor`), for comparison with models trained there. semseg
 works on float32 images from the start; mmseg keeps the decoded uint8 until
 it normalizes, so its resize takes OpenCV's 8-bit fixed-point path. Both
-recipes take the decoded uint8 image.
+recipes take the decoded uint8 image and end in `place_in_crop`: the crop
+normalized (data.batch_dtype float32) or as uint8 RGB that the training step
+normalizes on the devices (uint8).
 """
 
 import cv2
@@ -222,12 +224,37 @@ def photometric_distortion(image, label, rng: np.random.Generator, brightness_de
   return image.astype(np.float32), label
 
 
-def pad_bottom_right(image, label, crop_size: int, ignore_label: int):
-  """mmseg's padding to the crop: zeros (the mean, after normalization) and ignore, bottom/right."""
-  pad_h, pad_w = max(crop_size - label.shape[0], 0), max(crop_size - label.shape[1], 0)
-  image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-  label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=ignore_label)
-  return image, label
+BATCH_DTYPES = ('uint8', 'float32')
+
+
+def to_uint8(image):
+  """Augmented RGB values (float, in [0, 255]) -> the nearest uint8 levels."""
+  return np.rint(np.clip(image, 0, 255)).astype(np.uint8)
+
+
+def place_in_crop(image, label, rows: slice, cols: slice, data):
+  """The training crop: `image` (augmented RGB) and `label` at [rows, cols] of a data.crop_size
+  square padded with the mean colour and data.ignore_label.
+
+  data.batch_dtype 'float32': the image normalized here, the padding exactly 0
+  (as semseg's and mmseg's padding after their normalization). 'uint8': RGB
+  rounded to uint8 for normalization on the devices (`train.device_images`),
+  a quarter of the bytes to copy and to send; the padding is the mean rounded.
+  The rounding moves a value by at most half a grey level (0.0087 of the
+  smallest std once normalized); mmseg's own chain rounds to uint8 after every
+  step, so for its recipe only the padding moves.
+  """
+  crop = data.crop_size
+  out_label = np.full((crop, crop), data.ignore_label, np.uint8)
+  out_label[rows, cols] = label
+  if data.batch_dtype == 'uint8':
+    out_image = np.empty((crop, crop, 3), np.uint8)
+    out_image[...] = to_uint8(np.asarray(data.mean))
+    out_image[rows, cols] = to_uint8(image)
+  else:
+    out_image = np.zeros((crop, crop, 3), np.float32)
+    out_image[rows, cols] = normalize(image, data.mean, data.std)
+  return out_image, out_label
 
 
 def semseg_chain(image, label, rng: np.random.Generator, config):
@@ -300,19 +327,13 @@ def semseg_augment(image, label, rng: np.random.Generator, config):
   image, label = image[keep], label[keep]
   if flip:
     image, label = cv2.flip(image, 1), cv2.flip(label, 1)
-  # Padding is the mean image, i.e. exactly 0 once normalized, and ignore.
-  out_image = np.zeros((crop, crop, 3), np.float32)
-  out_label = np.full((crop, crop), data.ignore_label, np.uint8)
-  place = (slice(row_start - top, row_stop - top),
-           slice(flipped_start - left, flipped_stop - left))
-  out_image[place] = normalize(image, data.mean, data.std)
-  out_label[place] = label
-  return out_image, out_label
+  return place_in_crop(image, label, slice(row_start - top, row_stop - top),
+                       slice(flipped_start - left, flipped_stop - left), data)
 
 
 def _mmseg_augment(image, label, rng: np.random.Generator, config):
   """mmseg's training chain on the uint8 image: resize, crop, flip, photometric distortion,
-  normalize, pad."""
+  pad (and normalize, `place_in_crop`)."""
   data, augment = config.data, config.data.augment
   if image.dtype != np.uint8:
     raise TypeError(f'the mmseg recipe works on the decoded uint8 image, got {image.dtype}')
@@ -325,8 +346,9 @@ def _mmseg_augment(image, label, rng: np.random.Generator, config):
       image, label, rng, augment.brightness_delta,
       (augment.contrast_min, augment.contrast_max),
       (augment.saturation_min, augment.saturation_max), augment.hue_delta)
-  return pad_bottom_right(normalize(image, data.mean, data.std), label, data.crop_size,
-                          data.ignore_label)
+  # mmseg pads bottom and right.
+  height, width = label.shape
+  return place_in_crop(image, label, slice(0, height), slice(0, width), data)
 
 
 RECIPES = {'semseg': semseg_augment, 'mmseg': _mmseg_augment}
@@ -334,7 +356,7 @@ RECIPES = {'semseg': semseg_augment, 'mmseg': _mmseg_augment}
 
 def train_augment(image, label, rng: np.random.Generator, config):
   """The augmentation config.data.augment.recipe names: decoded uint8 image, uint8 label ->
-  normalized float32 crop, uint8 label."""
+  crop in data.batch_dtype (normalized float32, or uint8 RGB; `place_in_crop`), uint8 label."""
   recipe = config.data.augment.recipe
   if recipe not in RECIPES:
     raise ValueError(f'config.data.augment.recipe must be one of {sorted(RECIPES)}, '
