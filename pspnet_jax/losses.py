@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from pspnet_jax.models.layers import accumulation_dtype
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
   """Mean cross-entropy over the pixels whose label is not `ignore_label` (nn.CrossEntropyLoss).
@@ -12,7 +14,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255)
   Labels must be in [0, classes) or `ignore_label`; the loader checks that.
   """
   valid = labels != ignore_label
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jax.nn.log_softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
   safe_labels = jnp.where(valid, labels, 0)[..., None]
   nll = -jnp.take_along_axis(log_probs, safe_labels, axis=-1)[..., 0]
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -16,6 +16,7 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   The statistics are first calibrated on a random batch (so activations keep
   a sane scale through 50+ layers), then perturbed, and the BatchNorm affine
   parameters randomized, so that eval mode really exercises every statistic.
+  `dtype` is the model's compute dtype; float64 (under `jax.enable_x64`) gives float64 logits.
   """
   torch.manual_seed(seed)
   twin = torch_reference.PSPNet(depth, classes=classes, deep_base=deep_stem,
@@ -36,6 +37,7 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   twin.eval()
   model = PSPNet(classes, backbone=f'resnet{depth}', deep_stem=deep_stem,
                  output_stride=output_stride, use_ppm=use_ppm, dropout=dropout, dtype=dtype,
+                 logits_dtype=jax.numpy.promote_types(dtype, jax.numpy.float32),
                  rngs=nnx.Rngs(seed))
   tensors = {k: v.numpy() for k, v in twin.state_dict().items()}
   nnx.update(model, weights.from_torch_state_dict(tensors, checkpoint.model_variables(model)))

@@ -21,6 +21,13 @@ BN_MOMENTUM = 0.1
 BN_EPSILON = 1e-5
 
 
+def accumulation_dtype(dtype):
+  """The dtype of sums and statistics for values of `dtype`: float32 for bfloat16 and
+  float32, float64 for float64 (the model runs in float64 under `jax.enable_x64` to be
+  compared exactly with PyTorch's float64, tests/test_model.py)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def _resize_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
   """(out_size, in_size) weights of 1-D linear interpolation, as F.interpolate computes it."""
   dst = np.arange(out_size, dtype=np.float64)
@@ -57,11 +64,13 @@ PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'default': jax.lax.Precision
 
 def _apply_separable(x: jax.Array, rows: np.ndarray, cols: np.ndarray,
                      precision: jax.lax.Precision) -> jax.Array:
-  """Applies `rows` along H and `cols` along W of an NHWC array, accumulating in float32."""
+  """Applies `rows` along H and `cols` along W of an NHWC array, accumulating in float32
+  (or float64, `accumulation_dtype`)."""
+  accumulation = accumulation_dtype(x.dtype)
   y = jnp.einsum('oh,nhwc->nowc', jnp.asarray(rows, x.dtype), x,
-                 precision=precision, preferred_element_type=jnp.float32)
-  y = jnp.einsum('pw,nowc->nopc', jnp.asarray(cols, jnp.float32), y,
-                 precision=precision, preferred_element_type=jnp.float32)
+                 precision=precision, preferred_element_type=accumulation)
+  y = jnp.einsum('pw,nowc->nopc', jnp.asarray(cols, accumulation), y,
+                 precision=precision, preferred_element_type=accumulation)
   return y.astype(x.dtype)
 
 
@@ -165,7 +174,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax
                      dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Train-mode BatchNorm over every axis but the last: (y in `dtype`, mean, biased variance).
 
-  Statistics and arithmetic are float32 whatever x's dtype. Each direction needs
+  Statistics and arithmetic are float32 whatever x's dtype (float64 for float64,
+  `accumulation_dtype`). Each direction needs
   one round of reductions over the batch, which is one collective when the batch
   is sharded (XLA merges the independent ones):
 
@@ -183,14 +193,14 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax
 
 
 def _normalize(x, mean, var, scale, bias, dtype):
-  """(x - mean) / sqrt(var + eps) * scale + bias in float32, returned in `dtype`."""
-  return ((x.astype(jnp.float32) - mean) * (scale * jax.lax.rsqrt(var + BN_EPSILON))
+  """(x - mean) / sqrt(var + eps) * scale + bias in float32 (at least), returned in `dtype`."""
+  return ((x.astype(accumulation_dtype(x.dtype)) - mean) * (scale * jax.lax.rsqrt(var + BN_EPSILON))
           + bias).astype(dtype)
 
 
 def _batch_norm_train_fwd(x, scale, bias, shift, dtype):
   axes = _reduce_axes(x)
-  centered = x.astype(jnp.float32) - shift
+  centered = x.astype(accumulation_dtype(x.dtype)) - shift
   shifted_mean = jnp.mean(centered, axis=axes)
   mean_square = jnp.mean(jnp.square(centered), axis=axes)
   mean = shift + shifted_mean
@@ -205,15 +215,16 @@ def _batch_norm_train_bwd(dtype, residuals, cotangents):
   g_y, g_mean, g_var = cotangents
   axes = _reduce_axes(x)
   count = x.size // x.shape[-1]
-  deviation = x.astype(jnp.float32) - mean
+  deviation = x.astype(accumulation_dtype(x.dtype)) - mean
   x_hat = deviation * inv
-  g = g_y.astype(jnp.float32)
+  g = g_y.astype(deviation.dtype)
   g_bias = jnp.sum(g, axis=axes)
   g_scale = jnp.sum(g * x_hat, axis=axes)
   # d/dx of the normalized output, then of the returned mean and (biased) variance.
   g_x = (scale * inv / count) * (count * g - g_bias - x_hat * g_scale)
   g_x = g_x + (g_mean + 2.0 * g_var * deviation) / count
-  return g_x.astype(x.dtype), g_scale, g_bias, jnp.zeros_like(mean)
+  return (g_x.astype(x.dtype), g_scale.astype(scale.dtype), g_bias.astype(scale.dtype),
+          jnp.zeros_like(mean))
 
 
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
