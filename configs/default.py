@@ -53,7 +53,7 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   # official augmentation to the last bit) or uint8 (RGB rounded to the nearest grey level
   # after augmentation, at most 0.0087 once normalized, and normalized by the training step
   # on the devices: a quarter of the bytes through the host and the host-to-device link;
-  # the choice for accelerators, README "GPU and TPU"). Labels travel as uint8 either way.
+  # the choice for accelerators, README's "Feeding them"). Labels travel as uint8 either way.
   config.data.batch_dtype = 'float32'
   # Batches each worker prepares ahead of the training step.
   config.data.prefetch = 2
