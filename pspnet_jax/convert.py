@@ -4,30 +4,50 @@
       --import_path=train_epoch_100.pth --format=semseg
   python -m pspnet_jax.convert --config=configs/ade20k.py --workdir=DIR \\
       --export_path=pspnet50.pth --format=semseg [--step=N] [--overwrite]
+  python -m pspnet_jax.convert --config=configs/ade20k.py --workdir=DIR \\
+      --export_path=pspnet50.onnx --format=onnx [--export_size=473[,473]]
 
 An import becomes checkpoint 0 of an empty workdir (training then starts from
 those weights with a fresh optimizer); a file that cannot be read fails with
 its name and the reason, and non-float32 weights are converted with a warning.
 An export writes the latest (or `--step`) checkpoint; the file appears under
 its name only once complete, and an existing file is replaced only with
-`--overwrite`. Reading or writing `.pth` needs PyTorch.
+`--overwrite`. Reading or writing `.pth` needs PyTorch. The deployable formats
+(`pspnet_jax.deploy`: jax, onnx) write the eval-mode forward at a fixed H x W
+(`--export_size`, default the config's crop), input `images` float32 NHWC
+normalized RGB, output `logits` float32 NHWC at the input size.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import configuration, weights
+from pspnet_jax import configuration, deploy, weights
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoints are read/written.')
 _IMPORT = flags.DEFINE_string('import_path', None, 'Weights file to import as checkpoint 0.')
 _EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint to.')
+_EXPORT_FORMATS = (*weights.EXPORT_FORMATS, *deploy.EXPORT_FORMATS)
 _FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {weights.IMPORT_FORMATS}; export: '
-                              f'{weights.EXPORT_FORMATS}.')
+                              f'{_EXPORT_FORMATS}.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
+_EXPORT_SIZE = flags.DEFINE_string('export_size', None, 'Deployable exports (jax, onnx): H or '
+                                   'H,W of the input, 8k+1 each (default: data.crop_size).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Export: replace an existing --export_path '
                                '(refused otherwise).')
+
+
+def _export_size() -> tuple[int, int] | None:
+  if not _EXPORT_SIZE.value:
+    return None
+  try:
+    sides = [int(side) for side in _EXPORT_SIZE.value.split(',')]
+  except ValueError:
+    sides = []
+  if len(sides) not in (1, 2):
+    raise app.UsageError(f'--export_size={_EXPORT_SIZE.value}: expected H or H,W')
+  return sides[0], sides[-1]
 
 
 def main(argv):
@@ -44,11 +64,19 @@ def main(argv):
     where = weights.import_weights(config, _WORKDIR.value, _IMPORT.value, _FORMAT.value)
     logging.info('imported %s (%s) as %s', _IMPORT.value, _FORMAT.value, where)
   else:
-    if _FORMAT.value not in weights.EXPORT_FORMATS:
+    if _FORMAT.value not in _EXPORT_FORMATS:
       raise app.UsageError(f'--format={_FORMAT.value} cannot be exported; use one of '
-                           f'{weights.EXPORT_FORMATS}')
-    step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
-                                  _STEP.value, overwrite=_OVERWRITE.value)
+                           f'{_EXPORT_FORMATS}')
+    if _FORMAT.value in deploy.EXPORT_FORMATS:
+      step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
+                                 _STEP.value, size=_export_size(),
+                                 overwrite=_OVERWRITE.value)
+    else:
+      if _EXPORT_SIZE.value:
+        raise app.UsageError(f'--export_size applies to {deploy.EXPORT_FORMATS}, not '
+                             f'--format={_FORMAT.value}')
+      step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
+                                    _STEP.value, overwrite=_OVERWRITE.value)
     logging.info('exported step %d of %s to %s (%s)', step, _WORKDIR.value, _EXPORT.value,
                  _FORMAT.value)
 

@@ -301,7 +301,7 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   return tensors, extras
 
 
-def _refuse_existing(path: str, overwrite: bool) -> None:
+def refuse_existing(path: str, overwrite: bool) -> None:
   # lexists: a dangling symlink is a name taken too.
   exists = epath.Path(path).exists() if paths.is_remote(path) else os.path.lexists(path)
   if not overwrite and exists:
@@ -309,7 +309,7 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
                           'replace it')
 
 
-def _write_atomically(path: str, write, *, overwrite: bool) -> None:
+def write_atomically(path: str, write, *, overwrite: bool) -> None:
   """`write(temporary_path)`, then the finished file moved onto `path`.
 
   The temporary file is hidden in the same directory (os.replace is atomic only
@@ -318,7 +318,7 @@ def _write_atomically(path: str, write, *, overwrite: bool) -> None:
   SIGKILL or a crash can leave a `.NAME.tmp-*` behind). A `gs://` path is
   written into a local temporary folder and copied up.
   """
-  _refuse_existing(path, overwrite)
+  refuse_existing(path, overwrite)
   if paths.is_remote(path):
     with tempfile.TemporaryDirectory() as scratch:
       written = os.path.join(scratch, epath.Path(path).name)
@@ -345,7 +345,7 @@ def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch:
                   overwrite: bool = False) -> None:
   """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys) or safetensors.
 
-  Atomically (see `_write_atomically`); an existing `path` is refused unless `overwrite`.
+  Atomically (see `write_atomically`); an existing `path` is refused unless `overwrite`.
   """
   if fmt == 'safetensors':
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
@@ -357,7 +357,7 @@ def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch:
         'epoch': epoch,
         'state_dict': {'module.' + key: torch.from_numpy(np.array(value))
                        for key, value in state_dict.items()}})
-  _write_atomically(path, write, overwrite=overwrite)
+  write_atomically(path, write, overwrite=overwrite)
 
 
 def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: bool
@@ -409,7 +409,7 @@ def export_weights(config, workdir: str, path: str, fmt: str, step: int | None =
   An existing `path` is refused unless `overwrite`, and the file appears only complete.
   """
   # Before the restore, so that a refusal costs nothing; write_tensors checks again.
-  _refuse_existing(path, overwrite)
+  refuse_existing(path, overwrite)
   loaded = checkpoint.load_model(config, workdir, step)
   state_dict = to_torch_state_dict(checkpoint.model_variables(loaded.model),
                                    loaded.meta.get('num_batches_tracked'))

@@ -1,0 +1,115 @@
+"""Deployable exports, each run by its own runtime against the JAX model and the official model.
+
+ONNX files run on ONNX Runtime, `jax` exports through `jax.export.deserialize`
+in a process that never imports this project. Every expected value comes from
+the JAX model or the PyTorch twin of the official model, never from the
+exported file itself.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from configs import default
+from pspnet_jax import checkpoint, deploy, weights
+from parity import forward, make_twins, max_relative_diff, nchw, nhwc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _onnx_logits(proto, images):
+  session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                         providers=['CPUExecutionProvider'])
+  return session.run(['logits'], {'images': images})[0]
+
+
+def _assert_close(actual, expected):
+  assert actual.shape == expected.shape
+  assert max_relative_diff(actual, expected) <= 1e-4
+  agreement = np.mean(np.argmax(actual, -1) == np.argmax(expected, -1))
+  assert agreement >= 0.9999, agreement
+
+
+@pytest.mark.parametrize('depth,classes,size,kwargs', [
+    (50, 150, 65, {}),
+    (18, 21, 57, {'output_stride': 16, 'deep_stem': False}),
+    (18, 21, 49, {'use_ppm': False}),
+])
+def test_onnx_equals_the_jax_model_at_any_batch(depth, classes, size, kwargs):
+  # Randomized BatchNorm statistics and affine parameters, so that folding them is exercised.
+  _, model = make_twins(depth, classes, **kwargs)
+  model.eval()
+  proto = deploy.onnx_model(deploy.serving_function(model), (size, size))
+  assert [op.version for op in proto.opset_import] == [deploy.ONNX_OPSET]
+  # Every BatchNorm went into its convolution: no per-channel Sub or Mul remains.
+  assert not {node.op_type for node in proto.graph.node} & {'Sub', 'Mul', 'BatchNormalization'}
+  images = np.random.RandomState(0).randn(3, size, size, 3).astype(np.float32)
+  for batch in (1, 3):  # the batch is symbolic (traced at 2)
+    _assert_close(_onnx_logits(proto, images[:batch]), np.asarray(forward(model, images[:batch])))
+
+
+def test_onnx_export_of_an_imported_official_checkpoint_gives_the_official_logits(tmp_path):
+  """semseg .pth -> checkpoint (import) -> ONNX (export) -> ONNX Runtime, against the twin."""
+  twin, _ = make_twins(50, 150)
+  torch.save({'epoch': 1, 'state_dict': {'module.' + k: v for k, v in twin.state_dict().items()}},
+             tmp_path / 'official.pth')
+  config = default.get_config()  # ADE20K's 150 classes
+  config.data.crop_size = 65
+  workdir = str(tmp_path / 'run')
+  weights.import_weights(config, workdir, str(tmp_path / 'official.pth'), 'semseg')
+  assert deploy.export_model(config, workdir, str(tmp_path / 'model.onnx'), 'onnx') == 0
+  import onnx  # pylint: disable=import-outside-toplevel
+  images = np.random.RandomState(1).randn(2, 65, 65, 3).astype(np.float32)
+  with torch.no_grad():
+    expected = nhwc(twin(nchw(images)))
+  _assert_close(_onnx_logits(onnx.load(str(tmp_path / 'model.onnx')), images), expected)
+
+
+def test_export_size_must_be_8k_plus_1():
+  config = default.get_config()
+  assert deploy.export_size(config, None) == (config.data.crop_size,) * 2
+  assert deploy.export_size(config, (65, 97)) == (65, 97)
+  for size in (64, (65, 100), 25):
+    with pytest.raises(ValueError, match='8k\\+1'):
+      deploy.export_size(config, size)
+
+
+def test_a_primitive_without_translation_is_named():
+  with pytest.raises(NotImplementedError, match="'sin'"):
+    deploy.onnx_model(lambda images: jnp.sin(images), (33, 33))
+
+
+@pytest.mark.slow
+def test_jax_export_from_the_command_runs_without_the_project(tmp_path):
+  _, model = make_twins(18, 21)
+  model.eval()
+  config = default.get_config()
+  config.data.num_classes = 21
+  config.model.backbone = 'resnet18'
+  tensors = weights.to_torch_state_dict(checkpoint.model_variables(model))
+  weights.write_tensors(tensors, str(tmp_path / 'w.safetensors'), 'safetensors', epoch=0)
+  common = [sys.executable, '-m', 'pspnet_jax.convert', '--config=configs/default.py',
+            '--config.data.num_classes=21', '--config.model.backbone=resnet18',
+            f'--workdir={tmp_path / "run"}']
+  subprocess.run(common + [f'--import_path={tmp_path / "w.safetensors"}', '--format=safetensors'],
+                 cwd=REPO, check=True, capture_output=True)
+  subprocess.run(common + [f'--export_path={tmp_path / "pspnet.jax"}', '--format=jax',
+                           '--export_size=41,57'], cwd=REPO, check=True, capture_output=True)
+  images = np.random.RandomState(2).randn(2, 41, 57, 3).astype(np.float32)
+  np.save(tmp_path / 'images.npy', images)
+  # The README's way to run it: jax alone, from another directory.
+  run = ('import jax, numpy as np; '
+         'f = jax.export.deserialize(open("pspnet.jax", "rb").read()).call; '
+         'np.save("logits.npy", np.asarray(f(np.load("images.npy"))))')
+  subprocess.run([sys.executable, '-c', run], cwd=tmp_path, check=True, capture_output=True,
+                 env={**os.environ, 'PYTHONPATH': ''})
+  _assert_close(np.load(tmp_path / 'logits.npy'), np.asarray(forward(model, images)))
+  # The in-process loader gives the same, and the batch is symbolic.
+  _assert_close(np.asarray(deploy.load_jax(str(tmp_path / 'pspnet.jax'))(images[:1])),
+                np.load(tmp_path / 'logits.npy')[:1])
