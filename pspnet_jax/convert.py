@@ -13,7 +13,7 @@ its name and the reason, and non-float32 weights are converted with a warning.
 An export writes the latest (or `--step`) checkpoint; the file appears under
 its name only once complete, and an existing file is replaced only with
 `--overwrite`. Reading or writing `.pth` needs PyTorch. The deployable formats
-(`pspnet_jax.deploy`: jax, onnx) write the eval-mode forward at a fixed H x W
+(`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode forward at a fixed H x W
 (`--export_size`, default the config's crop), input `images` float32 NHWC
 normalized RGB, output `logits` float32 NHWC at the input size.
 """
@@ -32,8 +32,11 @@ _EXPORT_FORMATS = (*weights.EXPORT_FORMATS, *deploy.EXPORT_FORMATS)
 _FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {weights.IMPORT_FORMATS}; export: '
                               f'{_EXPORT_FORMATS}.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
-_EXPORT_SIZE = flags.DEFINE_string('export_size', None, 'Deployable exports (jax, onnx): H or '
-                                   'H,W of the input, 8k+1 each (default: data.crop_size).')
+_EXPORT_SIZE = flags.DEFINE_string('export_size', None, f'Deployable exports '
+                                   f'{deploy.EXPORT_FORMATS}: H or H,W of the input, 8k+1 each '
+                                   '(default: data.crop_size).')
+_FLOAT16_WEIGHTS = flags.DEFINE_bool('float16_weights', False, 'tflite: store the weights as '
+                                     'float16 (half the file; computed in float32).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Export: replace an existing --export_path '
                                '(refused otherwise).')
 
@@ -70,6 +73,7 @@ def main(argv):
     if _FORMAT.value in deploy.EXPORT_FORMATS:
       step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
                                  _STEP.value, size=_export_size(),
+                                 float16_weights=_FLOAT16_WEIGHTS.value,
                                  overwrite=_OVERWRITE.value)
     else:
       if _EXPORT_SIZE.value:

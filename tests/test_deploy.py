@@ -1,9 +1,10 @@
 """Deployable exports, each run by its own runtime against the JAX model and the official model.
 
-ONNX files run on ONNX Runtime, `jax` exports through `jax.export.deserialize`
-in a process that never imports this project. Every expected value comes from
-the JAX model or the PyTorch twin of the official model, never from the
-exported file itself.
+ONNX files run on ONNX Runtime, SavedModels on TensorFlow, TFLite flatbuffers
+on the TFLite interpreter, `jax` exports through `jax.export.deserialize` in a
+process that never imports this project. Every expected value comes from the
+JAX model or the PyTorch twin of the official model, never from the exported
+file itself.
 """
 
 import os
@@ -29,15 +30,21 @@ def _onnx_logits(proto, images):
   return session.run(['logits'], {'images': images})[0]
 
 
-def _assert_close(actual, expected):
+def _assert_close(actual, expected, tolerance=1e-4):
+  """Logits within `tolerance` (relative to the largest), and the same class at every pixel
+  whose two best classes the reference separates by more than that."""
   assert actual.shape == expected.shape
-  assert max_relative_diff(actual, expected) <= 1e-4
-  agreement = np.mean(np.argmax(actual, -1) == np.argmax(expected, -1))
-  assert agreement >= 0.9999, agreement
+  scale = np.max(np.abs(expected))
+  assert np.max(np.abs(actual - expected)) <= tolerance * scale
+  top2 = np.sort(expected, axis=-1)[..., -2:]
+  decisive = top2[..., 1] - top2[..., 0] > 2 * tolerance * scale
+  assert decisive.mean() > 0.95  # the check covers nearly every pixel
+  agree = np.argmax(actual, -1) == np.argmax(expected, -1)
+  assert agree[decisive].all()
 
 
+# PSPNet-50 with 150 classes goes through ONNX in the official-checkpoint test below.
 @pytest.mark.parametrize('depth,classes,size,kwargs', [
-    (50, 150, 65, {}),
     (18, 21, 57, {'output_stride': 16, 'deep_stem': False}),
     (18, 21, 49, {'use_ppm': False}),
 ])
@@ -69,6 +76,32 @@ def test_onnx_export_of_an_imported_official_checkpoint_gives_the_official_logit
   with torch.no_grad():
     expected = nhwc(twin(nchw(images)))
   _assert_close(_onnx_logits(onnx.load(str(tmp_path / 'model.onnx')), images), expected)
+
+
+def test_savedmodel_and_tflite_equal_the_jax_model(tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  _, model = make_twins(18, 21, output_stride=16, deep_stem=False)
+  model.eval()
+  size = 57
+  forward_fn = deploy.serving_function(model)
+  images = np.random.RandomState(3).randn(3, size, size, 3).astype(np.float32)
+  expected = np.asarray(forward(model, images))
+
+  deploy.export_savedmodel(forward_fn, str(tmp_path / 'saved'), (size, size))
+  serve = tf.saved_model.load(str(tmp_path / 'saved')).signatures['serving_default']
+  for batch in (1, 3):
+    _assert_close(serve(images=tf.constant(images[:batch]))['logits'].numpy(), expected[:batch])
+
+  for float16_weights, tolerance in ((False, 1e-4), (True, 1e-2)):
+    interpreter = tf.lite.Interpreter(model_content=deploy.tflite_model(
+        forward_fn, (size, size), float16_weights=float16_weights))
+    source, = interpreter.get_input_details()
+    interpreter.resize_tensor_input(source['index'], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source['index'], images)
+    interpreter.invoke()
+    logits = interpreter.get_tensor(interpreter.get_output_details()[0]['index'])
+    _assert_close(logits, expected, tolerance)
 
 
 def test_export_size_must_be_8k_plus_1():
