@@ -12,6 +12,7 @@
       --batch_size=2 [--semseg_reference]
   python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=compile --topology=v5e:2x4 \\
       --batch_size=16 --config.model.dtype=bfloat16 [--noplan_eval]
+  python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=deploy --batch_size=1
 
 `--what=forward`: the eval-mode forward of the config's model on a
 crop_size x crop_size batch of `--batch_size` (default 1) images, median over
@@ -51,6 +52,12 @@ it fits the chip's HBM), FLOPs and bytes accessed, the roofline bound and the
 MFU it allows, collective counts; the eval step's as eval_* keys
 (benchmarks/compile_plan.py).
 
+`--what=deploy`: the eval-mode forward exported to ONNX, TF SavedModel and
+TFLite and run by ONNX Runtime, TensorFlow and the TFLite interpreter beside
+the jitted JAX forward, `--batch_size` (default 1) crop_size x crop_size
+images, median over `--steps` calls, with each format's logit difference
+from JAX (benchmarks/deploy_speed.py).
+
 Every row also says how busy the machine was (`load_average_before`, `_after`).
 """
 
@@ -61,10 +68,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pspnet_jax.benchmarks import compile_plan, eval_speed, input_speed, model_speed
+from pspnet_jax.benchmarks import compile_plan, deploy_speed, eval_speed, input_speed, model_speed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_WHAT = flags.DEFINE_enum('what', 'forward', ['forward', 'train', 'input', 'eval', 'compile'],
+_WHAT = flags.DEFINE_enum('what', 'forward',
+                          ['forward', 'train', 'input', 'eval', 'compile', 'deploy'],
                           'What to measure (compile: plan for --topology).')
 _BATCH = flags.DEFINE_integer(
     'batch_size', None, 'Images per call (forward, default 1), global batch per step (train, '
@@ -97,6 +105,7 @@ _MODES = {
         config, batch_size, _NUM_IMAGES.value, semseg_reference=_SEMSEG_REFERENCE.value),
     'compile': lambda config, batch_size, steps: compile_plan.plan(
         config, _TOPOLOGY.value, batch_size, eval_step=_PLAN_EVAL.value),
+    'deploy': deploy_speed.measure_deploy,
 }
 
 
@@ -116,7 +125,7 @@ def main(argv):
     jax.config.update('jax_platforms', 'cpu')
   batch_size = _BATCH.value
   if batch_size is None:
-    if _WHAT.value == 'forward':
+    if _WHAT.value in ('forward', 'deploy'):
       batch_size = 1
     elif _WHAT.value == 'eval':
       batch_size = config.eval.batch_size
