@@ -13,9 +13,10 @@ its name and the reason, and non-float32 weights are converted with a warning.
 An export writes the latest (or `--step`) checkpoint; the file appears under
 its name only once complete, and an existing file is replaced only with
 `--overwrite`. Reading or writing `.pth` needs PyTorch. The deployable formats
-(`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode forward at a fixed H x W
-(`--export_size`, default the config's crop), input `images` float32 NHWC
-normalized RGB, output `logits` float32 NHWC at the input size.
+(`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode
+forward, input `images` float32 NHWC normalized RGB, output `logits` float32
+NHWC at the input size, at a fixed H x W (`--export_size`, default the
+config's crop; jax: any 8k+1 size unless given).
 """
 
 from absl import app, flags, logging
@@ -34,9 +35,15 @@ _FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {weights.IMPORT_FORM
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
 _EXPORT_SIZE = flags.DEFINE_string('export_size', None, f'Deployable exports '
                                    f'{deploy.EXPORT_FORMATS}: H or H,W of the input, 8k+1 each '
-                                   '(default: data.crop_size).')
+                                   '(default: data.crop_size; jax: any 8k+1 size).')
 _FLOAT16_WEIGHTS = flags.DEFINE_bool('float16_weights', False, 'tflite: store the weights as '
                                      'float16 (half the file; computed in float32).')
+_UINT8_INPUT = flags.DEFINE_bool('uint8_input', False, 'Deployable exports: raw uint8 RGB '
+                                 'images in, normalized in the graph with data.mean / data.std.')
+_CLASS_MAP = flags.DEFINE_bool('class_map', False, 'Deployable exports: output `classes`, the '
+                               'int32 class per pixel, instead of `logits`.')
+_CHANNELS_FIRST = flags.DEFINE_bool('channels_first', False, 'Deployable exports: NCHW images '
+                                    'and logits.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Export: replace an existing --export_path '
                                '(refused otherwise).')
 
@@ -74,10 +81,14 @@ def main(argv):
       step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
                                  _STEP.value, size=_export_size(),
                                  float16_weights=_FLOAT16_WEIGHTS.value,
+                                 uint8_input=_UINT8_INPUT.value, class_map=_CLASS_MAP.value,
+                                 channels_first=_CHANNELS_FIRST.value,
                                  overwrite=_OVERWRITE.value)
     else:
-      if _EXPORT_SIZE.value:
-        raise app.UsageError(f'--export_size applies to {deploy.EXPORT_FORMATS}, not '
+      given = [flag.name for flag in (_EXPORT_SIZE, _FLOAT16_WEIGHTS, _UINT8_INPUT, _CLASS_MAP,
+                                      _CHANNELS_FIRST) if flag.present]
+      if given:
+        raise app.UsageError(f'--{given[0]} applies to {deploy.EXPORT_FORMATS}, not '
                              f'--format={_FORMAT.value}')
       step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
                                     _STEP.value, overwrite=_OVERWRITE.value)

@@ -2,15 +2,18 @@
 
 One contract for every format: input `images`, float32, NHWC, RGB normalized
 with the config's mean and std, H and W = 8k+1; output `logits`, float32, NHWC
-at the input size. The graph is the eval-mode model only (running statistics,
-no dropout, no aux head). The batch is symbolic; H and W are fixed at export
-(`size`, default the config's crop): the resize and pooling maps are matrices
-built for static sizes (`models.layers`), which is also what lets every
-runtime run them as plain matrix products.
+at the input size (`serving_function` has the alternatives: uint8 input,
+class map, NCHW). The graph is the eval-mode model only (running statistics,
+no dropout, no aux head). The batch is symbolic everywhere.
 
 - `jax`: `jax.export` of the forward with the weights inside, serialized
-  StableHLO for CPU, CUDA and TPU. `load_jax(path)` gives a callable; it needs
+  StableHLO for CPU, CUDA and TPU, for any H = 8h+1 and W = 8w+1 (h, w >= 4,
+  symbolic: the resize and pooling maps are computed in the graph from the
+  sizes) unless a size is given. `load_jax(path)` gives a callable; it needs
   jax only, not this project: `jax.export.deserialize(data).call(images)`.
+  The other formats fix H x W at export (`size`, default the config's crop):
+  their resize and pooling maps are constant matrices for that size, which
+  every runtime runs as plain matrix products.
 - `onnx`, `savedmodel`, `tflite`: the forward's jaxpr re-expressed in ONNX
   (opset ONNX_OPSET, for ONNX Runtime) or TensorFlow operators
   (`graph_export`), each BatchNorm folded into its convolution. The SavedModel
@@ -27,6 +30,7 @@ import functools
 import os
 import shutil
 import tempfile
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,19 +46,51 @@ JAX_PLATFORMS = ('cpu', 'cuda', 'tpu')
 _INSTALL_HINT = 'pip install -r requirements-export.txt (onnx, onnxruntime)'
 
 
-def serving_function(model: nnx.Module):
-  """images (N, H, W, 3) float32 normalized RGB -> logits (N, H, W, classes) float32, with the
-  eval-mode `model`'s weights as constants."""
+class Serving(NamedTuple):
+  """What an export runs: `fn` of images as `input_spec` describes them -> the output named
+  `output` ('logits' (N, H, W, classes) float32, or 'classes' (N, H, W) int32; channels
+  first with `channels_first`)."""
+  fn: Callable
+  input_dtype: np.dtype
+  channels_first: bool
+  output: str
+
+  def input_spec(self, size: tuple[int, int], batch) -> jax.ShapeDtypeStruct:
+    shape = (batch, 3, *size) if self.channels_first else (batch, *size, 3)
+    return jax.ShapeDtypeStruct(shape, self.input_dtype)
+
+
+def serving_function(model: nnx.Module, *, uint8_input: bool = False, class_map: bool = False,
+                     channels_first: bool = False, mean=None, std=None) -> Serving:
+  """The eval-mode `model` as an export runs it, its weights as constants.
+
+  Default (the contract): images (N, H, W, 3) float32 normalized RGB -> logits
+  (N, H, W, classes) float32. Alternatives: `uint8_input`, raw RGB 0-255 that
+  the graph normalizes with `mean` and `std` (the config's data.mean / data.std);
+  `class_map`, the argmax class per pixel (int32) instead of the logits;
+  `channels_first`, NCHW images and logits (N, classes, H, W).
+  """
   if not model.cls.block.bn.use_running_average:
     raise ValueError('export takes the eval-mode model: call model.eval() first')
+  if uint8_input and (mean is None or std is None):
+    raise ValueError('uint8 input needs the mean and std to normalize with')
   graphdef, variables, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
   # On the host: a checkpoint restores them sharded over every device, an export is one graph.
   variables = jax.tree.map(np.asarray, variables)
 
   def forward(images):
-    return nnx.merge(graphdef, variables, rest)(images).astype(jnp.float32)
+    if channels_first:
+      images = jnp.transpose(images, (0, 2, 3, 1))
+    if uint8_input:
+      images = (images.astype(jnp.float32) - np.asarray(mean, np.float32)) / np.asarray(
+          std, np.float32)
+    logits = nnx.merge(graphdef, variables, rest)(images).astype(jnp.float32)
+    if class_map:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.transpose(logits, (0, 3, 1, 2)) if channels_first else logits
 
-  return forward
+  return Serving(forward, np.dtype(np.uint8 if uint8_input else np.float32), channels_first,
+                 'classes' if class_map else 'logits')
 
 
 def export_size(config, size) -> tuple[int, int]:
@@ -69,17 +105,18 @@ def export_size(config, size) -> tuple[int, int]:
   return height, width
 
 
-def _images_spec(height: int, width: int, batch):
-  return jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
-
-
-def export_jax(forward, path: str, size: tuple[int, int], *, overwrite: bool = False,
-               **unused) -> None:
-  """Serialized `jax.export` of `forward` for JAX_PLATFORMS, symbolic batch, size (H, W)."""
+def export_jax(serving: Serving, path: str, size: tuple[int, int] | None, *,
+               overwrite: bool = False, **unused) -> None:
+  """Serialized `jax.export` of `serving` for JAX_PLATFORMS with a symbolic batch, at size
+  (H, W), or with `size` None at any H = 8h+1, W = 8w+1 of at least 33 (symbolic h and w)."""
   del unused
-  batch, = jax.export.symbolic_shape('batch')
-  exported = jax.export.export(jax.jit(forward), platforms=JAX_PLATFORMS)(
-      _images_spec(*size, batch))
+  if size is None:
+    batch, h, w = jax.export.symbolic_shape('batch, h, w', constraints=('h >= 4', 'w >= 4'))
+    size = (8 * h + 1, 8 * w + 1)
+  else:
+    batch, = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(jax.jit(serving.fn), platforms=JAX_PLATFORMS)(
+      serving.input_spec(size, batch))
   data = exported.serialize()
 
   def write(target):
@@ -90,7 +127,7 @@ def export_jax(forward, path: str, size: tuple[int, int], *, overwrite: bool = F
 
 
 def load_jax(path: str):
-  """The callable of a `jax` export: images (N, H, W, 3) -> logits, on the default backend."""
+  """The callable of a `jax` export (images -> its output), on the default backend."""
   with open(path, 'rb') as file:
     return jax.export.deserialize(bytearray(file.read())).call
 
@@ -108,55 +145,59 @@ def _import_onnx():
 _TRACE_BATCH = 2
 
 
-def _jaxpr(forward, size):
-  closed = jax.make_jaxpr(forward)(_images_spec(*size, _TRACE_BATCH))
+def _jaxpr(serving: Serving, size):
+  closed = jax.make_jaxpr(serving.fn)(serving.input_spec(size, _TRACE_BATCH))
   return closed.jaxpr, [np.asarray(const) for const in closed.consts]
 
 
-def onnx_model(forward, size: tuple[int, int]):
-  """The ONNX ModelProto of `forward` (`serving_function`) at size (H, W), symbolic batch."""
+def onnx_model(serving: Serving, size: tuple[int, int]):
+  """The ONNX ModelProto of `serving` at size (H, W), symbolic batch."""
   onnx = _import_onnx()
-  jaxpr, consts = _jaxpr(forward, size)
+  jaxpr, consts = _jaxpr(serving, size)
   backend = graph_export.OnnxBackend(onnx)
   translator = graph_export.Translator(backend, _TRACE_BATCH)
-  logits, = translator.run(jaxpr, ['images'], consts)
-  backend.node('Identity', [translator.value(logits)], 'logits')
-  classes = jaxpr.outvars[0].aval.shape[-1]
-  tensor = onnx.helper.make_tensor_value_info
+  output, = translator.run(jaxpr, ['images'], consts)
+  backend.node('Identity', [translator.value(output)], serving.output)
+
+  def tensor(name, aval):
+    return onnx.helper.make_tensor_value_info(
+        name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(aval.dtype)),
+        ['batch', *aval.shape[1:]])
+
   proto = onnx.helper.make_model(
       onnx.helper.make_graph(
-          backend.nodes, 'pspnet',
-          [tensor('images', onnx.TensorProto.FLOAT, ['batch', *size, 3])],
-          [tensor('logits', onnx.TensorProto.FLOAT, ['batch', *size, classes])],
-          backend.initializers),
+          backend.nodes, 'pspnet', [tensor('images', jaxpr.invars[0].aval)],
+          [tensor(serving.output, jaxpr.outvars[0].aval)], backend.initializers),
       opset_imports=[onnx.helper.make_opsetid('', ONNX_OPSET)], producer_name='pspnet_jax')
   onnx.checker.check_model(proto, full_check=True)
   return proto
 
 
-def export_onnx(forward, path: str, size: tuple[int, int], *, overwrite: bool = False,
-                **unused) -> None:
+def export_onnx(serving: Serving, path: str, size: tuple[int, int], *,
+                overwrite: bool = False, **unused) -> None:
   del unused
-  proto = onnx_model(forward, size)
+  proto = onnx_model(serving, size)
   weights.write_atomically(path, functools.partial(_import_onnx().save_model, proto),
                            overwrite=overwrite)
 
 
-def tensorflow_module(forward, size: tuple[int, int]):
-  """A tf.Module whose `serve(images)` ({'logits': ...}, symbolic batch) is `forward` in TF
-  operators, the weights as constants of the graph."""
+def tensorflow_module(serving: Serving, size: tuple[int, int]):
+  """A tf.Module whose `serve(images)` ({serving.output: ...}, symbolic batch) is `serving`
+  in TF operators, the weights as constants of the graph."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  jaxpr, consts = _jaxpr(forward, size)
+  jaxpr, consts = _jaxpr(serving, size)
+  spec = serving.input_spec(size, None)
 
-  class Serving(tf.Module):
+  class ServingModule(tf.Module):
 
-    @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.float32, name='images')])
+    @tf.function(input_signature=[tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype),
+                                                name='images')])
     def serve(self, images):
       translator = graph_export.Translator(graph_export.TensorflowBackend(tf), _TRACE_BATCH)
-      logits, = translator.run(jaxpr, [images], consts)
-      return {'logits': tf.identity(translator.value(logits), name='logits')}
+      output, = translator.run(jaxpr, [images], consts)
+      return {serving.output: tf.identity(translator.value(output), name=serving.output)}
 
-  return Serving()
+  return ServingModule()
 
 
 def _write_directory(path: str, write, *, overwrite: bool) -> None:
@@ -174,23 +215,24 @@ def _write_directory(path: str, write, *, overwrite: bool) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def export_savedmodel(forward, path: str, size: tuple[int, int], *, overwrite: bool = False,
-                      **unused) -> None:
+def export_savedmodel(serving: Serving, path: str, size: tuple[int, int], *,
+                      overwrite: bool = False, **unused) -> None:
   """A TF SavedModel directory with the `serving_default` signature images -> logits."""
   del unused
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if paths.is_remote(path):
     raise ValueError(f'{path}: write a SavedModel to a local directory and copy it up')
-  module = tensorflow_module(forward, size)
+  module = tensorflow_module(serving, size)
   _write_directory(path, lambda target: tf.saved_model.save(
       module, target, signatures={'serving_default': module.serve}), overwrite=overwrite)
 
 
-def tflite_model(forward, size: tuple[int, int], *, float16_weights: bool = False) -> bytes:
-  """The LiteRT (TFLite) flatbuffer of `forward`: builtin operators only, symbolic batch;
+def tflite_model(serving: Serving, size: tuple[int, int], *,
+                 float16_weights: bool = False) -> bytes:
+  """The LiteRT (TFLite) flatbuffer of `serving`: builtin operators only, symbolic batch;
   `float16_weights` stores the weights as float16 (computed in float32)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  module = tensorflow_module(forward, size)
+  module = tensorflow_module(serving, size)
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [module.serve.get_concrete_function()], module)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -200,9 +242,9 @@ def tflite_model(forward, size: tuple[int, int], *, float16_weights: bool = Fals
   return converter.convert()
 
 
-def export_tflite(forward, path: str, size: tuple[int, int], *, overwrite: bool = False,
-                  float16_weights: bool = False) -> None:
-  data = tflite_model(forward, size, float16_weights=float16_weights)
+def export_tflite(serving: Serving, path: str, size: tuple[int, int], *,
+                  overwrite: bool = False, float16_weights: bool = False) -> None:
+  data = tflite_model(serving, size, float16_weights=float16_weights)
 
   def write(target):
     with open(target, 'wb') as file:
@@ -216,19 +258,24 @@ _EXPORTERS = {'jax': export_jax, 'onnx': export_onnx, 'savedmodel': export_saved
 
 
 def export_model(config, workdir: str, path: str, fmt: str, step: int | None = None, *,
-                 size=None, float16_weights: bool = False, overwrite: bool = False) -> int:
+                 size=None, float16_weights: bool = False, uint8_input: bool = False,
+                 class_map: bool = False, channels_first: bool = False,
+                 overwrite: bool = False) -> int:
   """Writes checkpoint `step` (default latest) of `workdir` as a deployable `fmt` model at
   `size` (default the config's crop) to `path`; returns the step. `float16_weights`: tflite
-  only."""
+  only; `uint8_input`, `class_map`, `channels_first`: `serving_function`."""
   if float16_weights and fmt != 'tflite':
     raise ValueError(f'float16 weights are a tflite option, not {fmt}')
   if fmt not in _EXPORTERS:
     raise ValueError(f'format {fmt!r} is not a deployable export; use one of {EXPORT_FORMATS}')
-  size = export_size(config, size)
+  # The jax format takes any 8k+1 size unless one is given; the others need one.
+  size = None if fmt == 'jax' and size is None else export_size(config, size)
   weights.refuse_existing(path, overwrite)
   if fmt == 'onnx':
     _import_onnx()  # the install hint before the restore
   loaded = checkpoint.load_model(config, workdir, step)
-  _EXPORTERS[fmt](serving_function(loaded.model), path, size, overwrite=overwrite,
-                  float16_weights=float16_weights)
+  serving = serving_function(loaded.model, uint8_input=uint8_input, class_map=class_map,
+                             channels_first=channels_first, mean=tuple(config.data.mean),
+                             std=tuple(config.data.std))
+  _EXPORTERS[fmt](serving, path, size, overwrite=overwrite, float16_weights=float16_weights)
   return loaded.step

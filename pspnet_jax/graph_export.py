@@ -58,7 +58,7 @@ class PendingConv:
 # Call-like primitives, inlined: the parameter that holds the inner jaxpr.
 _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'custom_jvp_call': 'call_jaxpr',
           'closed_call': 'call_jaxpr'}
-_BINARY = {'add': 'add', 'sub': 'sub', 'mul': 'mul', 'max': 'max'}
+_BINARY = ('add', 'sub', 'mul', 'div', 'max')
 
 
 class Translator:
@@ -206,6 +206,10 @@ class Translator:
       raise NotImplementedError('export: a reshape across the batch axis')
     return self.backend.reshape(self.value(operand), new_shape[1:])
 
+  def _argmax(self, eqn, operand):
+    axis, = eqn.params['axes']
+    return self.backend.argmax(self.value(operand), axis, np.dtype(eqn.params['index_dtype']))
+
   def _convert_element_type(self, eqn, operand):
     return self.backend.cast(self.value(operand), np.dtype(eqn.params['new_dtype']))
 
@@ -252,7 +256,8 @@ class OnnxBackend:
     return self.node('Relu', [x])
 
   def binary(self, name, lhs, rhs):
-    return self.node({'add': 'Add', 'sub': 'Sub', 'mul': 'Mul', 'max': 'Max'}[name], [lhs, rhs])
+    return self.node({'add': 'Add', 'sub': 'Sub', 'mul': 'Mul', 'div': 'Div', 'max': 'Max'}[name],
+                     [lhs, rhs])
 
   def einsum(self, equation, lhs, rhs):
     return self.node('Einsum', [lhs, rhs], equation=equation)
@@ -279,6 +284,10 @@ class OnnxBackend:
 
   def cast(self, x, dtype):
     return self.node('Cast', [x], to=self.onnx.helper.np_dtype_to_tensor_dtype(dtype))
+
+  def argmax(self, x, axis, dtype):
+    # ArgMax gives int64 and, like jnp.argmax, the first of equal maxima.
+    return self.cast(self.node('ArgMax', [x], axis=axis, keepdims=0), dtype)
 
 
 class TensorflowBackend:
@@ -309,8 +318,8 @@ class TensorflowBackend:
 
   def binary(self, name, lhs, rhs):
     tf = self.tf
-    return {'add': tf.add, 'sub': tf.subtract, 'mul': tf.multiply, 'max': tf.maximum}[name](
-        lhs, rhs)
+    return {'add': tf.add, 'sub': tf.subtract, 'mul': tf.multiply, 'div': tf.divide,
+            'max': tf.maximum}[name](lhs, rhs)
 
   def einsum(self, equation, lhs, rhs):
     return self.tf.einsum(equation, lhs, rhs)
@@ -335,3 +344,6 @@ class TensorflowBackend:
 
   def cast(self, x, dtype):
     return self.tf.cast(x, self.tf.as_dtype(dtype))
+
+  def argmax(self, x, axis, dtype):
+    return self.tf.argmax(x, axis, output_type=self.tf.as_dtype(dtype))

@@ -30,17 +30,20 @@ def _onnx_logits(proto, images):
   return session.run(['logits'], {'images': images})[0]
 
 
-def _assert_close(actual, expected, tolerance=1e-4):
-  """Logits within `tolerance` (relative to the largest), and the same class at every pixel
-  whose two best classes the reference separates by more than that."""
-  assert actual.shape == expected.shape
-  scale = np.max(np.abs(expected))
-  assert np.max(np.abs(actual - expected)) <= tolerance * scale
-  top2 = np.sort(expected, axis=-1)[..., -2:]
-  decisive = top2[..., 1] - top2[..., 0] > 2 * tolerance * scale
+def _assert_same_classes(classes, expected_logits, tolerance):
+  """The argmax of `expected_logits` at every pixel whose two best classes are more than
+  2 * tolerance (relative to the largest logit) apart: where a rounding cannot swap them."""
+  top2 = np.sort(expected_logits, axis=-1)[..., -2:]
+  decisive = top2[..., 1] - top2[..., 0] > 2 * tolerance * np.max(np.abs(expected_logits))
   assert decisive.mean() > 0.95  # the check covers nearly every pixel
-  agree = np.argmax(actual, -1) == np.argmax(expected, -1)
-  assert agree[decisive].all()
+  np.testing.assert_array_equal(classes[decisive], np.argmax(expected_logits, -1)[decisive])
+
+
+def _assert_close(actual, expected, tolerance=1e-4):
+  """Logits within `tolerance` (relative to the largest), and the same classes."""
+  assert actual.shape == expected.shape
+  assert np.max(np.abs(actual - expected)) <= tolerance * np.max(np.abs(expected))
+  _assert_same_classes(np.argmax(actual, -1), expected, tolerance)
 
 
 # PSPNet-50 with 150 classes goes through ONNX in the official-checkpoint test below.
@@ -104,6 +107,37 @@ def test_savedmodel_and_tflite_equal_the_jax_model(tmp_path):
     _assert_close(logits, expected, tolerance)
 
 
+def test_uint8_input_class_map_and_channels_first(tmp_path):
+  """The alternatives to the contract, each against the JAX model on the normalized images."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  _, model = make_twins(18, 21, use_ppm=False)
+  model.eval()
+  config = default.get_config()
+  size = 41
+  raw = np.random.RandomState(4).randint(0, 256, (2, size, size, 3)).astype(np.uint8)
+  normalized = (raw.astype(np.float32) - np.asarray(config.data.mean, np.float32)) / np.asarray(
+      config.data.std, np.float32)
+  expected = np.asarray(forward(model, normalized))
+  options = {'mean': config.data.mean, 'std': config.data.std}
+
+  # ONNX: raw uint8 NCHW in, NCHW logits out.
+  serving = deploy.serving_function(model, uint8_input=True, channels_first=True, **options)
+  proto = deploy.onnx_model(serving, (size, size))
+  nchw_logits = _onnx_logits(proto, np.ascontiguousarray(np.transpose(raw, (0, 3, 1, 2))))
+  _assert_close(np.transpose(nchw_logits, (0, 2, 3, 1)), expected)
+
+  # SavedModel and ONNX: class maps, the same class wherever the JAX model is decisive.
+  serving = deploy.serving_function(model, uint8_input=True, class_map=True, **options)
+  deploy.export_savedmodel(serving, str(tmp_path / 'saved'), (size, size))
+  serve = tf.saved_model.load(str(tmp_path / 'saved')).signatures['serving_default']
+  session = onnxruntime.InferenceSession(deploy.onnx_model(serving, (size, size))
+                                         .SerializeToString(), providers=['CPUExecutionProvider'])
+  for classes in (serve(images=tf.constant(raw))['classes'].numpy(),
+                  session.run(['classes'], {'images': raw})[0]):
+    assert classes.dtype == np.int32 and classes.shape == expected.shape[:3]
+    _assert_same_classes(classes, expected, 1e-4)
+
+
 def test_export_size_must_be_8k_plus_1():
   config = default.get_config()
   assert deploy.export_size(config, None) == (config.data.crop_size,) * 2
@@ -115,7 +149,7 @@ def test_export_size_must_be_8k_plus_1():
 
 def test_a_primitive_without_translation_is_named():
   with pytest.raises(NotImplementedError, match="'sin'"):
-    deploy.onnx_model(lambda images: jnp.sin(images), (33, 33))
+    deploy.onnx_model(deploy.Serving(jnp.sin, np.dtype(np.float32), False, 'logits'), (33, 33))
 
 
 @pytest.mark.slow
@@ -132,17 +166,28 @@ def test_jax_export_from_the_command_runs_without_the_project(tmp_path):
             f'--workdir={tmp_path / "run"}']
   subprocess.run(common + [f'--import_path={tmp_path / "w.safetensors"}', '--format=safetensors'],
                  cwd=REPO, check=True, capture_output=True)
-  subprocess.run(common + [f'--export_path={tmp_path / "pspnet.jax"}', '--format=jax',
-                           '--export_size=41,57'], cwd=REPO, check=True, capture_output=True)
-  images = np.random.RandomState(2).randn(2, 41, 57, 3).astype(np.float32)
-  np.save(tmp_path / 'images.npy', images)
+  # Without --export_size: any 8k+1 size.
+  subprocess.run(common + [f'--export_path={tmp_path / "pspnet.jax"}', '--format=jax'],
+                 cwd=REPO, check=True, capture_output=True)
+  shapes = [(2, 41, 57), (1, 33, 33)]
+  for index, shape in enumerate(shapes):
+    np.save(tmp_path / f'images{index}.npy',
+            np.random.RandomState(index).randn(*shape, 3).astype(np.float32))
   # The README's way to run it: jax alone, from another directory.
   run = ('import jax, numpy as np; '
          'f = jax.export.deserialize(open("pspnet.jax", "rb").read()).call; '
-         'np.save("logits.npy", np.asarray(f(np.load("images.npy"))))')
+         f'[np.save(f"logits{{i}}.npy", np.asarray(f(np.load(f"images{{i}}.npy")))) '
+         f'for i in range({len(shapes)})]')
   subprocess.run([sys.executable, '-c', run], cwd=tmp_path, check=True, capture_output=True,
                  env={**os.environ, 'PYTHONPATH': ''})
-  _assert_close(np.load(tmp_path / 'logits.npy'), np.asarray(forward(model, images)))
-  # The in-process loader gives the same, and the batch is symbolic.
-  _assert_close(np.asarray(deploy.load_jax(str(tmp_path / 'pspnet.jax'))(images[:1])),
-                np.load(tmp_path / 'logits.npy')[:1])
+  for index in range(len(shapes)):
+    images = np.load(tmp_path / f'images{index}.npy')
+    _assert_close(np.load(tmp_path / f'logits{index}.npy'), np.asarray(forward(model, images)))
+  # A fixed size (--export_size) and a class map; the in-process loader runs that file.
+  deploy.export_jax(deploy.serving_function(model, class_map=True), str(tmp_path / 'fixed.jax'),
+                    (41, 57))
+  fixed = deploy.load_jax(str(tmp_path / 'fixed.jax'))
+  images = np.load(tmp_path / 'images0.npy')
+  _assert_same_classes(np.asarray(fixed(images)), np.asarray(forward(model, images)), 1e-4)
+  with pytest.raises(Exception, match='shape'):
+    fixed(np.load(tmp_path / 'images1.npy'))

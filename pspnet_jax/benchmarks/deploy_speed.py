@@ -22,24 +22,24 @@ from pspnet_jax.benchmarks.timing import median_seconds
 from pspnet_jax.models import create_model
 
 
-def _onnx_runner(forward, size):
+def _onnx_runner(serving, size):
   import onnxruntime  # pylint: disable=import-outside-toplevel
-  session = onnxruntime.InferenceSession(deploy.onnx_model(forward, size).SerializeToString(),
+  session = onnxruntime.InferenceSession(deploy.onnx_model(serving, size).SerializeToString(),
                                          providers=['CPUExecutionProvider'])
   return lambda images: session.run(['logits'], {'images': images})[0]
 
 
-def _savedmodel_runner(forward, size, scratch):
+def _savedmodel_runner(serving, size, scratch):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   path = os.path.join(scratch, 'savedmodel')
-  deploy.export_savedmodel(forward, path, size)
+  deploy.export_savedmodel(serving, path, size)
   serve = tf.saved_model.load(path).signatures['serving_default']
   return lambda images: serve(images=tf.constant(images))['logits'].numpy()
 
 
-def _tflite_runner(forward, size, batch_size):
+def _tflite_runner(serving, size, batch_size):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  interpreter = tf.lite.Interpreter(model_content=deploy.tflite_model(forward, size))
+  interpreter = tf.lite.Interpreter(model_content=deploy.tflite_model(serving, size))
   source, = interpreter.get_input_details()
   interpreter.resize_tensor_input(source['index'], [batch_size, *size, 3])
   interpreter.allocate_tensors()
@@ -57,14 +57,14 @@ def measure_deploy(config, batch_size: int, steps: int) -> dict:
   model = create_model(config, rngs=nnx.Rngs(config.seed))
   model.eval()
   size = deploy.export_size(config, None)
-  forward = deploy.serving_function(model)
+  serving = deploy.serving_function(model)
   images = np.random.RandomState(0).randn(batch_size, *size, 3).astype(np.float32)
-  jitted = jax.jit(forward)
+  jitted = jax.jit(serving.fn)
   runners = {'jax': lambda x: np.asarray(jax.block_until_ready(jitted(x)))}
   with tempfile.TemporaryDirectory() as scratch:
-    runners['onnxruntime'] = _onnx_runner(forward, size)
-    runners['tf_savedmodel'] = _savedmodel_runner(forward, size, scratch)
-    runners['tflite'] = _tflite_runner(forward, size, batch_size)
+    runners['onnxruntime'] = _onnx_runner(serving, size)
+    runners['tf_savedmodel'] = _savedmodel_runner(serving, size, scratch)
+    runners['tflite'] = _tflite_runner(serving, size, batch_size)
     reference = runners['jax'](images)
     result = {'what': 'deploy', 'backbone': config.model.backbone, 'size': list(size),
               'classes': config.data.num_classes, 'batch_size': batch_size, 'steps': steps}

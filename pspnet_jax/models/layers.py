@@ -28,32 +28,42 @@ def accumulation_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _resize_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+def _maps_module(*sizes):
+  """numpy and float64 for static sizes (the maps are constants built at trace time); jnp and
+  float32 when a size is symbolic (`jax.export` with polymorphic H and W: the maps are computed
+  in the graph from the sizes, to float32 rounding of the same formulas)."""
+  if all(isinstance(size, int) for size in sizes):
+    return np, np.float64
+  return jnp, jnp.float32
+
+
+def _resize_matrix(in_size, out_size, align_corners: bool):
   """(out_size, in_size) weights of 1-D linear interpolation, as F.interpolate computes it."""
-  dst = np.arange(out_size, dtype=np.float64)
+  xp, dtype = _maps_module(in_size, out_size)
+  dst = xp.arange(out_size).astype(dtype)
+  in_float, out_float = xp.asarray(in_size, dtype), xp.asarray(out_size, dtype)
   if align_corners:
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    src = dst * scale
+    src = dst * ((in_float - 1) / xp.maximum(out_float - 1, 1))
   else:
     # PyTorch (size given, no scale_factor): half-pixel centres, negatives clamped to 0.
-    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
-  matrix = np.zeros((out_size, in_size), np.float64)
-  np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(matrix, (np.arange(out_size), hi), frac)
-  return matrix
+    src = xp.maximum((dst + 0.5) * (in_float / out_float) - 0.5, 0.0)
+  lo = xp.minimum(xp.floor(src).astype(xp.int32), in_size - 1)
+  hi = xp.minimum(lo + 1, in_size - 1)
+  frac = (src - lo)[:, None]
+  columns = xp.arange(in_size)[None, :]
+  return (1.0 - frac) * (columns == lo[:, None]) + frac * (columns == hi[:, None])
 
 
-def _adaptive_pool_matrix(in_size: int, bins: int) -> np.ndarray:
-  """(bins, in_size) averaging weights with PyTorch's adaptive pooling boundaries."""
-  matrix = np.zeros((bins, in_size), np.float64)
-  for i in range(bins):
-    start = (i * in_size) // bins
-    end = math.ceil((i + 1) * in_size / bins)
-    matrix[i, start:end] = 1.0 / (end - start)
-  return matrix
+def _adaptive_pool_matrix(in_size, bins: int):
+  """(bins, in_size) averaging weights with PyTorch's adaptive pooling boundaries:
+  start = floor(i * in / bins), end = ceil((i + 1) * in / bins)."""
+  xp, dtype = _maps_module(in_size)
+  index = xp.arange(bins)
+  start = index * in_size // bins
+  end = -(-(index + 1) * in_size // bins)
+  columns = xp.arange(in_size)[None, :]
+  inside = (columns >= start[:, None]) & (columns < end[:, None])
+  return inside / (end - start)[:, None].astype(dtype)
 
 
 # Matmul precision of the resize and pooling maps, by config name (model.resize_precision).

@@ -100,7 +100,10 @@ class PSPNet(nnx.Module):
     logits = logits.astype(self.logits_dtype)
     if self.zoom_factor == 1:
       return logits
-    size = tuple(int((s - 1) / 8 * self.zoom_factor + 1) for s in input_size)
+    # semseg's int((s - 1) / 8 * zoom + 1); a symbolic side (jax.export) is 8k+1, where the
+    # integer form is the same.
+    size = tuple(int((s - 1) / 8 * self.zoom_factor + 1) if isinstance(s, int)
+                 else (s - 1) // 8 * self.zoom_factor + 1 for s in input_size)
     return resize_bilinear(logits, size, align_corners=True, precision=self.resize_precision)
 
   def __call__(self, images: jax.Array, *, return_aux: bool = False):
