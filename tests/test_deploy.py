@@ -83,6 +83,8 @@ def test_onnx_export_of_an_imported_official_checkpoint_gives_the_official_logit
 
 def test_savedmodel_and_tflite_equal_the_jax_model(tmp_path):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # PSPNet-18 at output stride 16 with the 7x7 stem: PSPNet-50's conversions take 12 GiB and
+  # 100 s here (its TensorFlow and TFLite logits, 473x473: BENCHMARKS.md, deploy row).
   _, model = make_twins(18, 21, output_stride=16, deep_stem=False)
   model.eval()
   size = 57
