@@ -57,7 +57,10 @@ def _export_size() -> tuple[int, int] | None:
     sides = []
   if len(sides) not in (1, 2):
     raise app.UsageError(f'--export_size={_EXPORT_SIZE.value}: expected H or H,W')
-  return sides[0], sides[-1]
+  try:
+    return deploy.export_size(_CONFIG.value, (sides[0], sides[-1]))
+  except ValueError as error:
+    raise app.UsageError(f'--export_size={_EXPORT_SIZE.value}: {error}') from error
 
 
 def main(argv):

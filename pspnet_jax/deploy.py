@@ -29,7 +29,7 @@ directory likewise (`_write_directory`).
 import functools
 import os
 import shutil
-import tempfile
+import uuid
 from typing import Callable, NamedTuple
 
 import jax
@@ -205,11 +205,15 @@ def _write_directory(path: str, write, *, overwrite: bool) -> None:
   weights.refuse_existing(path, overwrite)
   parent, name = os.path.split(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{name}.tmp-', dir=parent)
+  # Not tempfile.mkdtemp: its directory is private (0700); this one follows the umask.
+  staging = os.path.join(parent, f'.{name}.tmp-{uuid.uuid4().hex[:8]}')
+  os.makedirs(staging)
   try:
     write(staging)
-    if os.path.lexists(path):
-      shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path)  # overwrite: the old directory goes just before the new one moves in
+    elif os.path.lexists(path):
+      os.remove(path)
     os.replace(staging, path)
   finally:
     shutil.rmtree(staging, ignore_errors=True)

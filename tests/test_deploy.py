@@ -130,7 +130,12 @@ def test_uint8_input_class_map_and_channels_first(tmp_path):
 
   # SavedModel and ONNX: class maps, the same class wherever the JAX model is decisive.
   serving = deploy.serving_function(model, uint8_input=True, class_map=True, **options)
-  deploy.export_savedmodel(serving, str(tmp_path / 'saved'), (size, size))
+  deploy.export_savedmodel(deploy.serving_function(model), str(tmp_path / 'saved'), (size, size))
+  # A SavedModel directory is replaced only with overwrite, and leaves no staging folder.
+  with pytest.raises(FileExistsError, match='overwrite'):
+    deploy.export_savedmodel(serving, str(tmp_path / 'saved'), (size, size))
+  deploy.export_savedmodel(serving, str(tmp_path / 'saved'), (size, size), overwrite=True)
+  assert os.listdir(tmp_path) == ['saved']
   serve = tf.saved_model.load(str(tmp_path / 'saved')).signatures['serving_default']
   session = onnxruntime.InferenceSession(deploy.onnx_model(serving, (size, size))
                                          .SerializeToString(), providers=['CPUExecutionProvider'])
@@ -163,14 +168,13 @@ def test_jax_export_from_the_command_runs_without_the_project(tmp_path):
   config.model.backbone = 'resnet18'
   tensors = weights.to_torch_state_dict(checkpoint.model_variables(model))
   weights.write_tensors(tensors, str(tmp_path / 'w.safetensors'), 'safetensors', epoch=0)
-  common = [sys.executable, '-m', 'pspnet_jax.convert', '--config=configs/default.py',
-            '--config.data.num_classes=21', '--config.model.backbone=resnet18',
-            f'--workdir={tmp_path / "run"}']
-  subprocess.run(common + [f'--import_path={tmp_path / "w.safetensors"}', '--format=safetensors'],
-                 cwd=REPO, check=True, capture_output=True)
-  # Without --export_size: any 8k+1 size.
-  subprocess.run(common + [f'--export_path={tmp_path / "pspnet.jax"}', '--format=jax'],
-                 cwd=REPO, check=True, capture_output=True)
+  weights.import_weights(config, str(tmp_path / 'run'), str(tmp_path / 'w.safetensors'),
+                         'safetensors')
+  # The command, without --export_size: any 8k+1 size.
+  subprocess.run([sys.executable, '-m', 'pspnet_jax.convert', '--config=configs/default.py',
+                  '--config.data.num_classes=21', '--config.model.backbone=resnet18',
+                  f'--workdir={tmp_path / "run"}', f'--export_path={tmp_path / "pspnet.jax"}',
+                  '--format=jax'], cwd=REPO, check=True, capture_output=True)
   shapes = [(2, 41, 57), (1, 33, 33)]
   for index, shape in enumerate(shapes):
     np.save(tmp_path / f'images{index}.npy',
