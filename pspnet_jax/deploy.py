@@ -106,10 +106,9 @@ def export_size(config, size) -> tuple[int, int]:
 
 
 def export_jax(serving: Serving, path: str, size: tuple[int, int] | None, *,
-               overwrite: bool = False, **unused) -> None:
+               overwrite: bool = False) -> None:
   """Serialized `jax.export` of `serving` for JAX_PLATFORMS with a symbolic batch, at size
   (H, W), or with `size` None at any H = 8h+1, W = 8w+1 of at least 33 (symbolic h and w)."""
-  del unused
   if size is None:
     batch, h, w = jax.export.symbolic_shape('batch, h, w', constraints=('h >= 4', 'w >= 4'))
     size = (8 * h + 1, 8 * w + 1)
@@ -117,8 +116,10 @@ def export_jax(serving: Serving, path: str, size: tuple[int, int] | None, *,
     batch, = jax.export.symbolic_shape('batch')
   exported = jax.export.export(jax.jit(serving.fn), platforms=JAX_PLATFORMS)(
       serving.input_spec(size, batch))
-  data = exported.serialize()
+  _write_bytes(path, exported.serialize(), overwrite=overwrite)
 
+
+def _write_bytes(path: str, data: bytes, *, overwrite: bool) -> None:
   def write(target):
     with open(target, 'wb') as file:
       file.write(data)
@@ -174,8 +175,7 @@ def onnx_model(serving: Serving, size: tuple[int, int]):
 
 
 def export_onnx(serving: Serving, path: str, size: tuple[int, int], *,
-                overwrite: bool = False, **unused) -> None:
-  del unused
+                overwrite: bool = False) -> None:
   proto = onnx_model(serving, size)
   weights.write_atomically(path, functools.partial(_import_onnx().save_model, proto),
                            overwrite=overwrite)
@@ -220,9 +220,8 @@ def _write_directory(path: str, write, *, overwrite: bool) -> None:
 
 
 def export_savedmodel(serving: Serving, path: str, size: tuple[int, int], *,
-                      overwrite: bool = False, **unused) -> None:
+                      overwrite: bool = False) -> None:
   """A TF SavedModel directory with the `serving_default` signature images -> logits."""
-  del unused
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if paths.is_remote(path):
     raise ValueError(f'{path}: write a SavedModel to a local directory and copy it up')
@@ -248,13 +247,8 @@ def tflite_model(serving: Serving, size: tuple[int, int], *,
 
 def export_tflite(serving: Serving, path: str, size: tuple[int, int], *,
                   overwrite: bool = False, float16_weights: bool = False) -> None:
-  data = tflite_model(serving, size, float16_weights=float16_weights)
-
-  def write(target):
-    with open(target, 'wb') as file:
-      file.write(data)
-
-  weights.write_atomically(path, write, overwrite=overwrite)
+  _write_bytes(path, tflite_model(serving, size, float16_weights=float16_weights),
+               overwrite=overwrite)
 
 
 _EXPORTERS = {'jax': export_jax, 'onnx': export_onnx, 'savedmodel': export_savedmodel,
@@ -281,5 +275,6 @@ def export_model(config, workdir: str, path: str, fmt: str, step: int | None = N
   serving = serving_function(loaded.model, uint8_input=uint8_input, class_map=class_map,
                              channels_first=channels_first, mean=tuple(config.data.mean),
                              std=tuple(config.data.std))
-  _EXPORTERS[fmt](serving, path, size, overwrite=overwrite, float16_weights=float16_weights)
+  options = {'float16_weights': float16_weights} if fmt == 'tflite' else {}
+  _EXPORTERS[fmt](serving, path, size, overwrite=overwrite, **options)
   return loaded.step

@@ -204,8 +204,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, shift: jax
 
 def _normalize(x, mean, var, scale, bias, dtype):
   """(x - mean) / sqrt(var + eps) * scale + bias in float32 (at least), returned in `dtype`."""
-  return ((x.astype(accumulation_dtype(x.dtype)) - mean) * (scale * jax.lax.rsqrt(var + BN_EPSILON))
-          + bias).astype(dtype)
+  x = x.astype(accumulation_dtype(x.dtype))
+  return ((x - mean) * (scale * jax.lax.rsqrt(var + BN_EPSILON)) + bias).astype(dtype)
 
 
 def _batch_norm_train_fwd(x, scale, bias, shift, dtype):
