@@ -111,12 +111,32 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.model.backbone = 'resnet50'
   # True: semseg's deep stem (three 3x3 convs); False: torchvision's 7x7 conv.
   config.model.deep_stem = True
+  # Widths of the deep stem's three convs; layer1's input width is the last. semseg:
+  # (64, 64, 128); mmseg's ResNetV1c: (32, 32, 64) (the variant arch=mmseg).
+  config.model.stem_widths = (64, 64, 128)
+  # False: every 3x3 conv of a dilated stage has the stage's dilation (semseg); True: the
+  # first block of each dilated stage has half of it (mmseg's contract_dilation: layer3
+  # 1,2,2,.. and layer4 2,4,4 at output stride 8).
+  config.model.contract_dilation = False
+  # ResNet-18/34: whether a basic block's second 3x3 conv is dilated too (semseg True; mmseg's
+  # BasicBlock dilates only the first, False).
+  config.model.dilate_basic_conv2 = True
+  # align_corners of the pyramid pooling's upsampling (semseg True, mmseg False).
+  config.model.ppm_align_corners = True
+  # The logits' upsampling. True (semseg): to (H - 1) / 8 * zoom_factor + 1 with
+  # align_corners=True, inputs 8k+1. False (mmseg): to the input's size (zoom_factor 8), any
+  # size, align_corners=False.
+  config.model.align_corners = True
   # Backbone output stride: 8 (dilated layer3/layer4, the paper), 16 or 32.
   config.model.output_stride = 8
   # Pyramid pooling module; False gives the dilated-FCN baseline of the paper's ablation.
   config.model.use_ppm = True
   # Pyramid bin sizes; each branch reduces channels to C / len(bins).
   config.model.ppm_bins = (1, 2, 3, 6)
+  # Hidden channels of the main head (its 3x3 conv) and of the aux head: semseg 512 and 256
+  # for every backbone; mmseg's R18 configs 128 and 64.
+  config.model.head_channels = 512
+  config.model.aux_channels = 256
   # Dropout2d rate before both classifiers.
   config.model.dropout = 0.1
   # Logits are upsampled to (H - 1) / 8 * zoom_factor + 1 (8: input size; 1: feature size).
@@ -205,6 +225,16 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   # Single scale (the default) or MULTI_SCALES (the config variant eval=ms).
   config.eval.scales = (1.0,)
   config.eval.flip = True
+  # mmsegmentation's protocols (eval.protocol mmseg_whole / mmseg_slide, pspnet_jax/inference.py):
+  # the uint8 image resized (keeping its aspect ratio, cv2 bilinear) to fit the (long, short)
+  # box mmseg_scale; mmseg_whole: one pass over the whole resized image; mmseg_slide: windows
+  # of mmseg_crop (H, W) every mmseg_stride (H, W), clamped to the image, never padded, logits
+  # averaged. The logits are resized (bilinear, align_corners=False) to the original size. With
+  # eval.scales other than (1.0,) or eval.flip, mmseg's test-time augmentation instead: each
+  # scale rescales the original image by that factor, each with its mirror, softmax averaged.
+  config.eval.mmseg_scale = recipe.mmseg_base_scale
+  config.eval.mmseg_crop = (512, 512)
+  config.eval.mmseg_stride = (341, 341)
   # Windows per evaluation step over all devices (the periodic evaluation: images per step;
   # padded at the end of the split).
   config.eval.batch_size = 16

@@ -37,9 +37,18 @@ def validate(config) -> None:
            'must be 8, 16 or 32')
   _require(len(model.ppm_bins) > 0 and all(isinstance(b, int) and b >= 1 for b in model.ppm_bins),
            'model.ppm_bins', model.ppm_bins, 'must be a non-empty tuple of positive integers')
+  for key in ('head_channels', 'aux_channels'):
+    _require(isinstance(model[key], int) and model[key] >= 1, f'model.{key}', model[key],
+             'must be a positive integer')
   _require(0.0 <= model.dropout < 1.0, 'model.dropout', model.dropout, 'must be in [0, 1)')
   _require(model.zoom_factor in (1, 2, 4, 8), 'model.zoom_factor', model.zoom_factor,
            'must be 1, 2, 4 or 8')
+  _require(model.align_corners or model.zoom_factor in (1, 8), 'model.zoom_factor',
+           model.zoom_factor, 'must be 1 or 8 with model.align_corners=False (the logits are '
+           'resized to the input size)')
+  _require(len(model.stem_widths) == 3 and all(isinstance(w, int) and w >= 1
+                                               for w in model.stem_widths),
+           'model.stem_widths', model.stem_widths, 'must be three positive integers')
   _require(model.aux_weight >= 0.0, 'model.aux_weight', model.aux_weight, 'must be >= 0')
   _require(model.dtype in DTYPES, 'model.dtype', model.dtype, f'must be one of {sorted(DTYPES)}')
   _require(model.logits_dtype in DTYPES, 'model.logits_dtype', model.logits_dtype,
@@ -78,6 +87,10 @@ def validate(config) -> None:
            'must be at least 33')
   _require(evaluation.base_size >= 1, 'eval.base_size', evaluation.base_size,
            'must be a positive integer')
+  for key in ('mmseg_scale', 'mmseg_crop', 'mmseg_stride'):
+    _require(len(evaluation[key]) == 2 and all(isinstance(side, int) and side >= 1
+                                               for side in evaluation[key]),
+             f'eval.{key}', evaluation[key], 'must be two positive integers')
   _require(len(evaluation.scales) > 0 and all(s > 0 for s in evaluation.scales), 'eval.scales',
            evaluation.scales, 'must be a non-empty tuple of positive numbers')
 
@@ -98,7 +111,11 @@ RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_eve
 ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
               'model.resize_precision': 'highest', 'model.remat': 'none',
               'optim.lr_scaling': 'none', 'optim.reference_batch_size': 16, 'optim.warmup_steps': 0,
-              'optim.trust_ratio': False, 'optim.trust_coefficient': 0.001}
+              'optim.trust_ratio': False, 'optim.trust_coefficient': 0.001,
+              'model.stem_widths': [64, 64, 128], 'model.contract_dilation': False,
+              'model.ppm_align_corners': True, 'model.align_corners': True,
+              'model.dilate_basic_conv2': True, 'model.head_channels': 512,
+              'model.aux_channels': 256}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

@@ -9,7 +9,10 @@ convs then patched to stride 1 and dilated; the PPM and the heads, built
 afterwards, keep PyTorch's default initialization. It extends the official
 code only where the Flax model does: basic blocks (ResNet-18/34, whose two 3x3
 convs are both dilated), the 7x7 stem, output stride 16/32, and input sizes
-other than 8k+1.
+other than 8k+1. Its switches give mmsegmentation's PSPNet from the same layers
+(`mmseg-pspnet.md`): stem widths 32-32-64, the contracted first dilation, basic
+blocks whose second conv is undilated, align_corners=False in the pyramid and
+in the final resize (to the input's size), and the heads' widths.
 
 It imports torch (requirements-dev.txt), so nothing on the training path
 imports it: tests, benchmarks and conversion import it where they need it.
@@ -71,21 +74,23 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """semseg's ResNet: deep_base gives conv1/conv2/conv3 (64, 64, 128), else torchvision's 7x7."""
+  """semseg's ResNet: deep_base gives conv1/conv2/conv3 (`stem_widths`, semseg's 64, 64, 128),
+  else torchvision's 7x7."""
 
-  def __init__(self, layers=50, deep_base=True):
+  def __init__(self, layers=50, deep_base=True, stem_widths=(64, 64, 128)):
     super().__init__()
     kind, sizes = STAGES[layers]
     block = BasicBlock if kind == 'basic' else Bottleneck
     self.deep_base = deep_base
     if deep_base:
-      self.inplanes = 128
-      self.conv1 = conv3x3(3, 64, stride=2)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.conv2 = conv3x3(64, 64)
-      self.bn2 = nn.BatchNorm2d(64)
-      self.conv3 = conv3x3(64, 128)
-      self.bn3 = nn.BatchNorm2d(128)
+      first, second, third = stem_widths
+      self.inplanes = third
+      self.conv1 = conv3x3(3, first, stride=2)
+      self.bn1 = nn.BatchNorm2d(first)
+      self.conv2 = conv3x3(first, second)
+      self.bn2 = nn.BatchNorm2d(second)
+      self.conv3 = conv3x3(second, third)
+      self.bn3 = nn.BatchNorm2d(third)
     else:
       self.inplanes = 64
       self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
@@ -119,23 +124,32 @@ class ResNet(nn.Module):
 
 class PPM(nn.Module):
 
-  def __init__(self, in_dim, reduction_dim, bins):
+  def __init__(self, in_dim, reduction_dim, bins, align_corners=True):
     super().__init__()
+    self.align_corners = align_corners
     self.features = nn.ModuleList([
         nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_dim, reduction_dim, 1, bias=False),
                       nn.BatchNorm2d(reduction_dim), nn.ReLU()) for b in bins])
 
   def forward(self, x):
     size = x.shape[2:]
-    return torch.cat([x] + [F.interpolate(f(x), size, mode='bilinear', align_corners=True)
+    return torch.cat([x] + [F.interpolate(f(x), size, mode='bilinear',
+                                          align_corners=self.align_corners)
                             for f in self.features], 1)
 
 
-def _dilate(layer, dilation):
-  """The official patch: stride 1 everywhere, every 3x3 conv dilated (and padded) by `dilation`."""
+def _dilate(layer, dilation, contract=False, basic_conv2=True):
+  """The official patch: stride 1 everywhere, every 3x3 conv dilated (and padded) by `dilation`.
+
+  mmseg's switches: `contract` gives block 0 half the dilation; `basic_conv2=False` leaves a
+  basic block's conv2 undilated.
+  """
   for name, module in layer.named_modules():
     if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-      module.dilation, module.padding, module.stride = (dilation,) * 2, (dilation,) * 2, (1, 1)
+      rate = dilation // 2 if contract and name.startswith('0.') else dilation
+      if not basic_conv2 and isinstance(layer[0], BasicBlock) and name.endswith('conv2'):
+        rate = 1
+      module.dilation, module.padding, module.stride = (rate,) * 2, (rate,) * 2, (1, 1)
     elif 'downsample.0' in name:
       module.stride = (1, 1)
 
@@ -143,11 +157,14 @@ def _dilate(layer, dilation):
 class PSPNet(nn.Module):
 
   def __init__(self, layers=50, bins=(1, 2, 3, 6), dropout=0.1, classes=150, zoom_factor=8,
-               use_ppm=True, deep_base=True, output_stride=8):
+               use_ppm=True, deep_base=True, output_stride=8, stem_widths=(64, 64, 128),
+               contract_dilation=False, dilate_basic_conv2=True, ppm_align_corners=True,
+               align_corners=True, head_channels=512, aux_channels=256):
     super().__init__()
     self.zoom_factor = zoom_factor
     self.use_ppm = use_ppm
-    resnet = ResNet(layers, deep_base)
+    self.align_corners = align_corners
+    resnet = ResNet(layers, deep_base, stem_widths)
     if deep_base:
       self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.conv2, resnet.bn2,
                                   resnet.relu, resnet.conv3, resnet.bn3, resnet.relu, resnet.maxpool)
@@ -155,25 +172,27 @@ class PSPNet(nn.Module):
       self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
     self.layer1, self.layer2, self.layer3, self.layer4 = (
         resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-    if output_stride == 8:
-      _dilate(self.layer3, 2)
-      _dilate(self.layer4, 4)
-    elif output_stride == 16:
-      _dilate(self.layer4, 2)
+    dilations = {8: ((self.layer3, 2), (self.layer4, 4)), 16: ((self.layer4, 2),), 32: ()}
+    for layer, dilation in dilations[output_stride]:
+      _dilate(layer, dilation, contract_dilation, dilate_basic_conv2)
     expansion = 1 if STAGES[layers][0] == 'basic' else 4
     fea_dim = 512 * expansion
     if use_ppm:
-      self.ppm = PPM(fea_dim, fea_dim // len(bins), bins)
+      self.ppm = PPM(fea_dim, fea_dim // len(bins), bins, ppm_align_corners)
       fea_dim *= 2
-    self.cls = nn.Sequential(nn.Conv2d(fea_dim, 512, 3, padding=1, bias=False), nn.BatchNorm2d(512),
-                             nn.ReLU(), nn.Dropout2d(p=dropout), nn.Conv2d(512, classes, 1))
-    self.aux = nn.Sequential(nn.Conv2d(256 * expansion, 256, 3, padding=1, bias=False),
-                             nn.BatchNorm2d(256), nn.ReLU(), nn.Dropout2d(p=dropout),
-                             nn.Conv2d(256, classes, 1))
+    self.cls = nn.Sequential(nn.Conv2d(fea_dim, head_channels, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(head_channels), nn.ReLU(), nn.Dropout2d(p=dropout),
+                             nn.Conv2d(head_channels, classes, 1))
+    self.aux = nn.Sequential(nn.Conv2d(256 * expansion, aux_channels, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(aux_channels), nn.ReLU(), nn.Dropout2d(p=dropout),
+                             nn.Conv2d(aux_channels, classes, 1))
 
   def forward(self, x, return_aux=False):
-    h = int((x.shape[2] - 1) / 8 * self.zoom_factor + 1)
-    w = int((x.shape[3] - 1) / 8 * self.zoom_factor + 1)
+    if self.align_corners:
+      h = int((x.shape[2] - 1) / 8 * self.zoom_factor + 1)
+      w = int((x.shape[3] - 1) / 8 * self.zoom_factor + 1)
+    else:  # mmseg: back to the input's size
+      h, w = x.shape[2:]
     x = self.layer0(x)
     x = self.layer1(x)
     x = self.layer2(x)
@@ -183,12 +202,12 @@ class PSPNet(nn.Module):
       x = self.ppm(x)
     x = self.cls(x)
     if self.zoom_factor != 1:
-      x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=True)
+      x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=self.align_corners)
     if not return_aux:
       return x
     aux = self.aux(x_tmp)
     if self.zoom_factor != 1:
-      aux = F.interpolate(aux, size=(h, w), mode='bilinear', align_corners=True)
+      aux = F.interpolate(aux, size=(h, w), mode='bilinear', align_corners=self.align_corners)
     return x, aux
 
 
@@ -198,7 +217,11 @@ def from_config(config) -> PSPNet:
   return PSPNet(int(model.backbone.removeprefix('resnet')), bins=tuple(model.ppm_bins),
                 dropout=model.dropout, classes=config.data.num_classes,
                 zoom_factor=model.zoom_factor, use_ppm=model.use_ppm,
-                deep_base=model.deep_stem, output_stride=model.output_stride)
+                deep_base=model.deep_stem, output_stride=model.output_stride,
+                stem_widths=tuple(model.stem_widths), contract_dilation=model.contract_dilation,
+                dilate_basic_conv2=model.dilate_basic_conv2,
+                ppm_align_corners=model.ppm_align_corners, align_corners=model.align_corners,
+                head_channels=model.head_channels, aux_channels=model.aux_channels)
 
 
 def semseg_train_step(model: PSPNet, config, num_steps: int):

@@ -9,9 +9,18 @@ from pspnet_jax import checkpoint, torch_reference, weights
 from pspnet_jax.models.pspnet import PSPNet
 
 
+# The switches that turn semseg's PSPNet into mmsegmentation's (the config variant arch=mmseg).
+MMSEG_ARCHITECTURE = dict(stem_widths=(32, 32, 64), contract_dilation=True,
+                          dilate_basic_conv2=False, ppm_align_corners=False, align_corners=False)
+
+
 def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_ppm=True,
-               dropout=0.1, seed=0, calibration_size=97, dtype=jax.numpy.float32):
+               dropout=0.1, seed=0, calibration_size=97, dtype=jax.numpy.float32,
+               **architecture):
   """A twin with random weights and randomized BatchNorm statistics, and the Flax model with them.
+
+  `architecture`: switches both models take by the same names (e.g. MMSEG_ARCHITECTURE,
+  head_channels, aux_channels).
 
   The statistics are first calibrated on a random batch (so activations keep
   a sane scale through 50+ layers), then perturbed, and the BatchNorm affine
@@ -20,7 +29,8 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   """
   torch.manual_seed(seed)
   twin = torch_reference.PSPNet(depth, classes=classes, deep_base=deep_stem,
-                                output_stride=output_stride, use_ppm=use_ppm, dropout=dropout)
+                                output_stride=output_stride, use_ppm=use_ppm, dropout=dropout,
+                                **architecture)
   bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
   for bn in bns:
     bn.momentum = None  # cumulative average: after one batch, the batch statistics
@@ -38,7 +48,7 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   model = PSPNet(classes, backbone=f'resnet{depth}', deep_stem=deep_stem,
                  output_stride=output_stride, use_ppm=use_ppm, dropout=dropout, dtype=dtype,
                  logits_dtype=jax.numpy.promote_types(dtype, jax.numpy.float32),
-                 rngs=nnx.Rngs(seed))
+                 rngs=nnx.Rngs(seed), **architecture)
   tensors = {k: v.numpy() for k, v in twin.state_dict().items()}
   nnx.update(model, weights.from_torch_state_dict(tensors, checkpoint.model_variables(model)))
   return twin, model

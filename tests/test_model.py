@@ -12,7 +12,7 @@ from flax import nnx
 from pspnet_jax import checkpoint, losses, weights
 from pspnet_jax.models.pspnet import PSPNet
 from pspnet_jax import torch_reference as torch_pspnet
-from parity import forward, make_twins, max_relative_diff, nchw, nhwc
+from parity import MMSEG_ARCHITECTURE, forward, make_twins, max_relative_diff, nchw, nhwc
 
 
 @pytest.mark.parametrize('backbone,expected_params,expected_keys', [
@@ -29,6 +29,23 @@ def test_parameter_count_and_state_dict_names(backbone, expected_params, expecte
   assert set(names) == {k for k in twin_keys if not k.endswith('num_batches_tracked')}
 
 
+def test_mmseg_architecture_has_mmseg_parameter_count_and_dilations():
+  # mmseg 1.2.2's pspnet_r50-d8 with 150 classes: 49,076,364 parameters (mmseg-pspnet.md);
+  # dilations of its ResNetV1c with contract_dilation: layer3 1,2,2,2,2,2 and layer4 2,4,4.
+  model = nnx.eval_shape(lambda: PSPNet(150, rngs=nnx.Rngs(0), **MMSEG_ARCHITECTURE))
+  assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 49_076_364
+  assert [block.conv2.kernel_dilation for block in model.layer3] == [1, 2, 2, 2, 2, 2]
+  assert [block.conv2.kernel_dilation for block in model.layer4] == [2, 4, 4]
+  twin = torch_pspnet.PSPNet(50, classes=150, **MMSEG_ARCHITECTURE)
+  assert sum(p.numel() for p in twin.parameters()) == 49_076_364
+  assert [block.conv2.dilation for block in twin.layer3] == [(1, 1)] + [(2, 2)] * 5
+  assert [block.conv2.dilation for block in twin.layer4] == [(2, 2), (4, 4), (4, 4)]
+  # mmseg's BasicBlock dilates conv1 only (layer4 of ResNet-18: 2, then 4).
+  twin18 = torch_pspnet.PSPNet(18, classes=19, **MMSEG_ARCHITECTURE)
+  assert [(b.conv1.dilation, b.conv2.dilation) for b in twin18.layer4] == [((2, 2), (1, 1)),
+                                                                           ((4, 4), (1, 1))]
+
+
 @pytest.mark.parametrize('depth,classes,size,kwargs', [
     (50, 150, (233, 233), {}),
     (50, 150, (200, 300), {}),  # not 8k+1: the official code refuses it, we resize to the input
@@ -36,6 +53,10 @@ def test_parameter_count_and_state_dict_names(backbone, expected_params, expecte
     (18, 21, (97, 129), {'output_stride': 16}),
     (18, 21, (96, 80), {'output_stride': 16, 'deep_stem': False}),
     (18, 21, (97, 97), {'use_ppm': False}),
+    # mmsegmentation's PSPNet: any input size, resized back with align_corners=False.
+    (50, 150, (120, 97), MMSEG_ARCHITECTURE),
+    (101, 19, (64, 90), MMSEG_ARCHITECTURE),
+    (18, 19, (75, 100), {**MMSEG_ARCHITECTURE, 'head_channels': 128, 'aux_channels': 64}),
 ])
 def test_eval_logits_equal_twin(depth, classes, size, kwargs):
   twin, model = make_twins(depth, classes, **kwargs)

@@ -16,9 +16,15 @@ def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
   """The PSPNet that `config.model` and `config.data.num_classes` describe, freshly initialized."""
   model_config = config.model
   return PSPNet(config.data.num_classes, backbone=model_config.backbone,
-                deep_stem=model_config.deep_stem, output_stride=model_config.output_stride,
+                deep_stem=model_config.deep_stem, stem_widths=tuple(model_config.stem_widths),
+                output_stride=model_config.output_stride,
+                contract_dilation=model_config.contract_dilation,
+                dilate_basic_conv2=model_config.dilate_basic_conv2,
                 use_ppm=model_config.use_ppm, ppm_bins=tuple(model_config.ppm_bins),
-                dropout=model_config.dropout, zoom_factor=model_config.zoom_factor,
+                ppm_align_corners=model_config.ppm_align_corners,
+                head_channels=model_config.head_channels,
+                aux_channels=model_config.aux_channels, dropout=model_config.dropout,
+                zoom_factor=model_config.zoom_factor, align_corners=model_config.align_corners,
                 dtype=DTYPES[model_config.dtype], logits_dtype=DTYPES[model_config.logits_dtype],
                 resize_precision=PRECISIONS[model_config.resize_precision],
                 remat=model_config.remat, rngs=rngs)

@@ -6,6 +6,12 @@ conv (ResNet v1.5, as both semseg and torchvision). Output stride 8 or 16 is
 reached the semseg way: the later stages keep stride 1 and *every* 3x3 conv of
 such a stage gets the stage's dilation (semseg sets layer3 to 2 and layer4 to 4,
 first block included, unlike torchvision's `replace_stride_with_dilation`).
+
+mmsegmentation's ResNetV1c differs in three switches (`mmseg-pspnet.md`): a
+narrower deep stem (`stem_widths` 32-32-64, layer1 then takes 64 channels),
+`contract_dilation` (the first block of a dilated stage has half the stage's
+dilation) and, in basic blocks, an undilated second 3x3 conv
+(`dilate_basic_conv2=False`).
 """
 
 import functools
@@ -35,15 +41,16 @@ def _shortcut(in_features, out_features, stride, *, dtype, rngs):
 
 
 class BasicBlock(nnx.Module):
-  """Two 3x3 convs (ResNet-18/34)."""
+  """Two 3x3 convs (ResNet-18/34); the second is dilated too unless `dilate_conv2=False`."""
 
   expansion = 1
 
-  def __init__(self, in_features, planes, *, stride, dilation, dtype, rngs):
+  def __init__(self, in_features, planes, *, stride, dilation, dilate_conv2=True, dtype, rngs):
     self.conv1 = conv2d(in_features, planes, 3, stride=stride, dilation=dilation, dtype=dtype,
                         rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
-    self.conv2 = conv2d(planes, planes, 3, dilation=dilation, dtype=dtype, rngs=rngs)
+    self.conv2 = conv2d(planes, planes, 3, dilation=dilation if dilate_conv2 else 1, dtype=dtype,
+                        rngs=rngs)
     self.bn2 = BatchNorm(planes, dtype=dtype)
     self.downsample = _shortcut(in_features, planes, stride, dtype=dtype, rngs=rngs)
 
@@ -59,7 +66,8 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, in_features, planes, *, stride, dilation, dtype, rngs):
+  def __init__(self, in_features, planes, *, stride, dilation, dilate_conv2=True, dtype, rngs):
+    del dilate_conv2  # a bottleneck has one 3x3 conv
     width = planes * self.expansion
     self.conv1 = conv2d(in_features, planes, 1, dtype=dtype, rngs=rngs)
     self.bn1 = BatchNorm(planes, dtype=dtype)
@@ -81,18 +89,20 @@ class Bottleneck(nnx.Module):
 
 
 class Stem(nnx.Module):
-  """layer0: deep base (3x3 s2 3->64, 3x3 64->64, 3x3 64->128) or 7x7 s2 3->64; then max-pool."""
+  """layer0: deep base (3x3 s2 3->w0, 3x3 w0->w1, 3x3 w1->w2; semseg 64-64-128, mmseg 32-32-64)
+  or 7x7 s2 3->64; then max-pool."""
 
-  def __init__(self, *, deep: bool, dtype, rngs):
+  def __init__(self, *, deep: bool, widths=(64, 64, 128), dtype, rngs):
     self.deep = deep
     if deep:
-      self.conv1 = conv2d(3, 64, 3, stride=2, dtype=dtype, rngs=rngs)
-      self.bn1 = BatchNorm(64, dtype=dtype)
-      self.conv2 = conv2d(64, 64, 3, dtype=dtype, rngs=rngs)
-      self.bn2 = BatchNorm(64, dtype=dtype)
-      self.conv3 = conv2d(64, 128, 3, dtype=dtype, rngs=rngs)
-      self.bn3 = BatchNorm(128, dtype=dtype)
-      self.out_features = 128
+      first, second, third = widths
+      self.conv1 = conv2d(3, first, 3, stride=2, dtype=dtype, rngs=rngs)
+      self.bn1 = BatchNorm(first, dtype=dtype)
+      self.conv2 = conv2d(first, second, 3, dtype=dtype, rngs=rngs)
+      self.bn2 = BatchNorm(second, dtype=dtype)
+      self.conv3 = conv2d(second, third, 3, dtype=dtype, rngs=rngs)
+      self.bn3 = BatchNorm(third, dtype=dtype)
+      self.out_features = third
     else:
       self.conv1 = conv2d(3, 64, 7, stride=2, dtype=dtype, rngs=rngs)
       self.bn1 = BatchNorm(64, dtype=dtype)
@@ -117,11 +127,12 @@ _STAGE_GEOMETRY = {
 class ResNet(nnx.Module):
   """ResNet backbone without the classifier; `__call__` returns the four stage outputs."""
 
-  def __init__(self, block, stage_sizes, *, deep_stem: bool = True, output_stride: int = 8,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, block, stage_sizes, *, deep_stem: bool = True, stem_widths=(64, 64, 128),
+               output_stride: int = 8, contract_dilation: bool = False,
+               dilate_basic_conv2: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     if output_stride not in _STAGE_GEOMETRY:
       raise ValueError(f'output_stride must be one of {sorted(_STAGE_GEOMETRY)}, got {output_stride}')
-    self.layer0 = Stem(deep=deep_stem, dtype=dtype, rngs=rngs)
+    self.layer0 = Stem(deep=deep_stem, widths=stem_widths, dtype=dtype, rngs=rngs)
     in_features = self.layer0.out_features
     stages = []
     for index, (num_blocks, (stride, dilation)) in enumerate(
@@ -129,8 +140,12 @@ class ResNet(nnx.Module):
       planes = 64 * 2**index
       blocks = []
       for block_index in range(num_blocks):
-        blocks.append(block(in_features, planes, stride=stride if block_index == 0 else 1,
-                            dilation=dilation, dtype=dtype, rngs=rngs))
+        first = block_index == 0
+        # mmseg's ResLayer: the first block of a dilated stage takes half the dilation.
+        block_dilation = dilation // 2 if first and contract_dilation and dilation > 1 else dilation
+        blocks.append(block(in_features, planes, stride=stride if first else 1,
+                            dilation=block_dilation, dilate_conv2=dilate_basic_conv2,
+                            dtype=dtype, rngs=rngs))
         in_features = planes * block.expansion
       stages.append(nnx.List(blocks))
     self.layer1, self.layer2, self.layer3, self.layer4 = stages
