@@ -11,7 +11,7 @@ import ml_collections
 from pspnet_jax.data import labels, registry
 
 BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
-# semseg's multi-scale evaluation (config/*/*.yaml: scales).
+# semseg's multi-scale evaluation (config/*/*.yaml: scales); mmseg's TTA img_ratios too.
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -143,6 +143,9 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.model.zoom_factor = 8
   # Weight of the auxiliary (layer3) loss in the total loss; 0 disables it.
   config.model.aux_weight = 0.4
+  # The pixel losses' sum is divided by the labelled pixels ('valid', semseg) or by all the
+  # batch's pixels ('all', mmseg's CrossEntropyLoss default avg_non_ignore=False).
+  config.model.loss_normalizer = 'valid'
   # Compute dtype: float32 or bfloat16 (parameters and BatchNorm statistics stay float32).
   config.model.dtype = 'float32'
   # Dtype of the upsampled logits, float32 or bfloat16. They are the step's largest
@@ -177,8 +180,12 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4
   # SGD momentum (no dampening, no Nesterov).
   config.optim.momentum = 0.9
-  # Exponent of the poly decay: lr(k) = base_lr * (1 - k / num_steps) ** power.
+  # Exponent of the poly decay: lr(k) = (base_lr - end_lr) * (1 - k / num_steps) ** power
+  # + end_lr.
   config.optim.power = 0.9
+  # The backbone's rate at the end of the poly decay (the heads': head_lr_mult times it);
+  # semseg 0, mmseg's PolyLR eta_min 1e-4.
+  config.optim.end_lr = 0.0
   # Large global batches (pspnet_jax/optim.py; the README's "Large global batches"). The
   # defaults are the official optimizer unchanged.
   # Scaling of both groups' base rates with the global batch B (train.batch_size): none |
@@ -257,14 +264,65 @@ def parse_variant(arg: str | None) -> dict:
   return variant
 
 
+# mmsegmentation's PSPNet R*-D8 configs (mmseg 1.2.2, configs/pspnet/pspnet_r50-d8_*), by
+# dataset and crop: training crop, test Resize box, test mode (slide: crop and stride), the
+# model zoo's longest schedule, global batch. (dataset, crop) -> settings.
+_MMSEG_PRESETS = {
+    ('ade20k', '512'): dict(crop=512, box=(2048, 512), mode='whole', steps=160_000, batch=16),
+    ('voc2012', '512'): dict(crop=512, box=(2048, 512), mode='whole', steps=40_000, batch=16),
+    ('cityscapes', '769'): dict(crop=769, box=(2049, 1025), mode='slide', window=(769, 769),
+                                stride=(513, 513), steps=80_000, batch=8),
+    # Evaluates the 512x1024 configs' checkpoints as mmseg does (whole 2048x1024 images);
+    # training crops are square here, so this variant trains at 769 like the one above.
+    ('cityscapes', '512x1024'): dict(crop=769, box=(2048, 1024), mode='whole', steps=80_000,
+                                     batch=8),
+}
+_MMSEG_DEFAULT_CROP = {'ade20k': '512', 'voc2012': '512', 'cityscapes': '769'}
+
+
+def _mmseg_preset(config: ml_collections.ConfigDict, name: str, crop: str | None) -> None:
+  """Switches `config` to mmsegmentation's PSPNet and its recipe (`mmseg-pspnet.md`)."""
+  crop = crop or _MMSEG_DEFAULT_CROP.get(name)
+  preset = _MMSEG_PRESETS.get((name, crop))
+  if preset is None:
+    known = sorted(c for n, c in _MMSEG_PRESETS if n == name)
+    raise ValueError(f'arch=mmseg,crop={crop}: {name} has the mmseg crops {known}')
+  model = config.model
+  # ResNetV1c (deep stem 32-32-64, contract_dilation), align_corners=False everywhere.
+  model.stem_widths = (32, 32, 64)
+  model.contract_dilation = True
+  model.dilate_basic_conv2 = False
+  model.ppm_align_corners = False
+  model.align_corners = False
+  model.loss_normalizer = 'all'
+  model.pretrained_format = 'mmseg-resnet'
+  if model.backbone == 'resnet18':  # pspnet_r18-d8: decode head 128, aux head 64 channels
+    model.head_channels, model.aux_channels = 128, 64
+  config.data.crop_size = preset['crop']
+  config.data.augment.recipe = 'mmseg'
+  config.data.augment.mmseg_base_scale = preset['box']
+  # schedule_*k: SGD lr 0.01, momentum 0.9, weight decay 5e-4, PolyLR power 0.9 to 1e-4,
+  # one learning rate for all parameters.
+  optim = config.optim
+  optim.base_lr, optim.head_lr_mult, optim.weight_decay, optim.end_lr = 0.01, 1.0, 5e-4, 1e-4
+  config.train.batch_size = preset['batch']
+  config.train.num_steps = preset['steps']
+  config.train.checkpoint_every = 8000
+  config.train.eval_every = 16000
+  evaluation = config.eval
+  evaluation.protocol = f'mmseg_{preset["mode"]}'
+  evaluation.mmseg_scale = preset['box']
+  evaluation.mmseg_crop = preset.get('window', (preset['crop'],) * 2)
+  evaluation.mmseg_stride = preset.get('stride', evaluation.mmseg_stride)
+  evaluation.flip = False
+
+
 def for_dataset(name: str, arg: str | None) -> ml_collections.ConfigDict:
   """semseg's recipe for dataset `name` (registry), with the variants of `arg`:
-  `backbone=<depth>` and `eval=ms` (semseg's multi-scale evaluation; `eval=ss`, single
-  scale, is the default), e.g. --config=configs/ade20k.py:backbone=101,eval=ms.
-
-  The recipe's mmseg_base_scale is used only with data.augment.recipe='mmseg'
-  (whose crops are 512, or 512x1024 and 769 on Cityscapes: set data.crop_size
-  to match).
+  `backbone=<depth>`, `eval=ms` (multi-scale evaluation with flips; `eval=ss`, single
+  scale, is the default) and `arch=mmseg` (mmsegmentation's PSPNet and recipe, with
+  `crop=769` or `crop=512x1024` on Cityscapes), e.g.
+  --config=configs/ade20k.py:backbone=101,eval=ms or configs/cityscapes.py:arch=mmseg.
   """
   dataset = registry.get(name)
   if dataset.recipe is None:
@@ -273,14 +331,26 @@ def for_dataset(name: str, arg: str | None) -> ml_collections.ConfigDict:
   variant = parse_variant(arg)
   depth = variant.pop('backbone', None)
   scales = variant.pop('eval', 'ss')
+  arch = variant.pop('arch', 'semseg')
+  crop = variant.pop('crop', None)
   if variant:
-    raise ValueError(f'unknown config variant keys {sorted(variant)}; known: backbone, eval')
+    raise ValueError(f'unknown config variant keys {sorted(variant)}; known: backbone, eval, '
+                     'arch, crop')
   if depth is not None:
     if not depth.isdigit() or int(depth) not in BACKBONE_DEPTHS:
       raise ValueError(f'backbone={depth}: choose one of {BACKBONE_DEPTHS}')
     config.model.backbone = f'resnet{depth}'
   if scales not in ('ss', 'ms'):
     raise ValueError(f'eval={scales}: choose ss (single scale) or ms (multi-scale)')
+  if arch not in ('semseg', 'mmseg'):
+    raise ValueError(f'arch={arch}: choose semseg (the official PSPNet) or mmseg')
+  if arch == 'mmseg':
+    _mmseg_preset(config, name, crop)
+  elif crop is not None:
+    raise ValueError('crop= selects one of the arch=mmseg presets; semseg crops are '
+                     '--config.data.crop_size')
   if scales == 'ms':
+    # mmseg's tta_pipeline has the same six factors (of the original size) and flips.
     config.eval.scales = MULTI_SCALES
+    config.eval.flip = True
   return config

@@ -5,6 +5,7 @@ import json
 
 from pspnet_jax.data.transforms import BATCH_DTYPES, RECIPES
 from pspnet_jax.inference import PROTOCOLS
+from pspnet_jax.losses import LOSS_NORMALIZERS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES
@@ -50,6 +51,8 @@ def validate(config) -> None:
                                                for w in model.stem_widths),
            'model.stem_widths', model.stem_widths, 'must be three positive integers')
   _require(model.aux_weight >= 0.0, 'model.aux_weight', model.aux_weight, 'must be >= 0')
+  _require(model.loss_normalizer in LOSS_NORMALIZERS, 'model.loss_normalizer',
+           model.loss_normalizer, f'must be one of {LOSS_NORMALIZERS}')
   _require(model.dtype in DTYPES, 'model.dtype', model.dtype, f'must be one of {sorted(DTYPES)}')
   _require(model.logits_dtype in DTYPES, 'model.logits_dtype', model.logits_dtype,
            f'must be one of {sorted(DTYPES)}')
@@ -60,7 +63,7 @@ def validate(config) -> None:
   _require(model.pretrained_format in PRETRAINED_FORMATS, 'model.pretrained_format',
            model.pretrained_format, f'must be one of {PRETRAINED_FORMATS}')
   optim = config.optim
-  for key in ('base_lr', 'head_lr_mult', 'weight_decay'):
+  for key in ('base_lr', 'head_lr_mult', 'weight_decay', 'end_lr'):
     _require(optim[key] >= 0, f'optim.{key}', optim[key], 'must be >= 0')
   _require(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum, 'must be in [0, 1)')
   _require(optim.power > 0, 'optim.power', optim.power, 'must be > 0')
@@ -115,7 +118,7 @@ ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
               'model.stem_widths': [64, 64, 128], 'model.contract_dilation': False,
               'model.ppm_align_corners': True, 'model.align_corners': True,
               'model.dilate_basic_conv2': True, 'model.head_channels': 512,
-              'model.aux_channels': 256}
+              'model.aux_channels': 256, 'model.loss_normalizer': 'valid', 'optim.end_lr': 0.0}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

@@ -43,8 +43,12 @@ HEAD_MODULES = ('ppm', 'cls', 'aux')
 LR_SCALINGS = ('none', 'linear', 'sqrt')
 
 
-def poly_schedule(base_lr: float, num_steps: int, power: float) -> optax.Schedule:
-  """k -> base_lr * (1 - k / num_steps) ** power (0 from num_steps on).
+def poly_schedule(base_lr: float, num_steps: int, power: float,
+                  end_lr: float = 0.0) -> optax.Schedule:
+  """k -> (base_lr - end_lr) * (1 - k / num_steps) ** power + end_lr (end_lr from num_steps on).
+
+  end_lr 0 is semseg's; mmseg's PolyLR(eta_min=1e-4) ends at end_lr (mmengine
+  computes it step by step; the closed form is the same).
 
   Written as (num_steps - k) / num_steps: the difference of integers is exact,
   where float32 1 - k / num_steps loses digits near the end of the schedule
@@ -53,15 +57,15 @@ def poly_schedule(base_lr: float, num_steps: int, power: float) -> optax.Schedul
 
   def schedule(step):
     remaining = jnp.clip(num_steps - step, 0, num_steps).astype(jnp.float32)
-    return base_lr * (remaining / num_steps) ** power
+    return (base_lr - end_lr) * (remaining / num_steps) ** power + end_lr
 
   return schedule
 
 
-def warmup_poly_schedule(base_lr: float, num_steps: int, power: float,
-                         warmup_steps: int) -> optax.Schedule:
+def warmup_poly_schedule(base_lr: float, num_steps: int, power: float, warmup_steps: int,
+                         end_lr: float = 0.0) -> optax.Schedule:
   """k -> poly(k) * min(1, (k + 1) / (warmup_steps + 1)); the poly schedule itself when 0."""
-  poly = poly_schedule(base_lr, num_steps, power)
+  poly = poly_schedule(base_lr, num_steps, power, end_lr)
   if warmup_steps == 0:
     return poly
 
@@ -105,7 +109,7 @@ def learning_rates(optim_config, num_steps: int,
   base_lr = optim_config.base_lr * lr_scale(optim_config, batch_size)
   return {
       group: warmup_poly_schedule(base_lr * multiplier, num_steps, optim_config.power,
-                                  optim_config.warmup_steps)
+                                  optim_config.warmup_steps, optim_config.end_lr * multiplier)
       for group, multiplier in (('backbone', 1.0), ('head', optim_config.head_lr_mult))}
 
 

@@ -86,7 +86,8 @@ def device_images(images: jax.Array, mean, std) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: dict,
-               aux_weight: float, ignore_label: int, seed: int, mean, std):
+               aux_weight: float, ignore_label: int, seed: int, mean, std,
+               loss_normalizer: str = 'valid'):
   """One SGD step on a (global) batch {'image' NHWC uint8 RGB or normalized float32, 'label'
   NHW uint8 or int32}.
 
@@ -101,7 +102,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: 
     nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state.step))
     logits, aux_logits = model(images, return_aux=True)
     loss, parts = losses.pspnet_loss(logits, aux_logits, labels, aux_weight=aux_weight,
-                                     ignore_label=ignore_label)
+                                     ignore_label=ignore_label, normalizer=loss_normalizer)
     return loss, (parts, logits, nnx.state(model, nnx.BatchStat))
 
   (loss, (parts, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -134,7 +135,7 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
       train_step, graphdef=graphdef, tx=tx,
       learning_rates=optim.learning_rates(config.optim, num_steps, config.train.batch_size),
       aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
-      seed=config.seed, mean=tuple(config.data.mean), std=tuple(config.data.std))
+      loss_normalizer=config.model.loss_normalizer, seed=config.seed, mean=tuple(config.data.mean), std=tuple(config.data.std))
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)

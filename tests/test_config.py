@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from flax import nnx
 
@@ -60,8 +61,25 @@ def test_defaults_are_ade20ks_recipe():
     default.for_dataset('folder', None)
 
 
+@pytest.mark.parametrize('file,arg', [
+    ('ade20k', 'arch=mmseg'), ('ade20k', 'arch=mmseg,backbone=101,eval=ms'),
+    ('voc2012', 'arch=mmseg'), ('cityscapes', 'arch=mmseg'),
+    ('cityscapes', 'arch=mmseg,crop=512x1024,backbone=18')])
+def test_mmseg_presets_validate_and_build_mmsegs_model(file, arg):
+  config = importlib.import_module(f'configs.{file}').get_config(arg)
+  configuration.validate(config)
+  assert config.eval.protocol.startswith('mmseg_') and config.model.align_corners is False
+  if file == 'ade20k' and config.model.backbone == 'resnet50':
+    # mmseg 1.2.2's pspnet_r50-d8 ADE20K model: 49,076,364 parameters (mmseg-pspnet.md).
+    model = nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(0)))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 49_076_364
+
+
 @pytest.mark.parametrize('arg,message', [('backbone=77', 'backbone=77'), ('depth=50', 'depth'),
-                                         ('backbone', 'not key=value')])
+                                         ('backbone', 'not key=value'),
+                                         ('arch=detectron', 'arch=detectron'),
+                                         ('arch=mmseg,crop=769', 'crop=769'),
+                                         ('crop=512', 'arch=mmseg presets')])
 def test_bad_variants_are_named(arg, message):
   with pytest.raises(ValueError, match=message):
     default.for_dataset('ade20k', arg)

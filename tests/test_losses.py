@@ -36,3 +36,19 @@ def test_all_ignore_batch_gives_zero_not_nan():
   logits = jnp.ones((1, 3, 3, 4))
   labels = jnp.full((1, 3, 3), 255)
   assert float(losses.cross_entropy(logits, labels)) == 0.0
+
+
+def test_all_pixels_normalizer_is_mmseg_cross_entropy():
+  # mmseg 1.2.2 CrossEntropyLoss(avg_non_ignore=False): F.cross_entropy(reduction='none')
+  # summed and divided by label.numel() (+ float32 eps), ignored pixels included.
+  rs = np.random.RandomState(2)
+  logits = rs.randn(2, 6, 5, 4).astype(np.float32) * 2
+  labels = rs.randint(0, 4, (2, 6, 5))
+  labels[1, :3] = 255
+  pixel_losses = torch.nn.functional.cross_entropy(
+      torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels),
+      reduction='none', ignore_index=255)
+  expected = pixel_losses.sum() / (labels.size + torch.finfo(torch.float32).eps)
+  np.testing.assert_allclose(
+      losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), normalizer='all'),
+      expected.item(), rtol=1e-6)

@@ -224,3 +224,19 @@ def test_trust_ratio_mask_takes_the_kernels_of_the_model_and_leaves_batchnorm_an
     assert flag == (leaf.ndim > 1), name
     names[flag] = names.get(flag, 0) + 1
   assert names[True] > 20 and names[False] > 40   # ResNet-18 PSPNet: 31 kernels, 60 others
+
+
+def test_end_lr_is_mmengine_poly_lr_with_eta_min():
+  # mmengine's PolyLR(eta_min, power) updates the rate step by step:
+  # lr <- (lr - eta_min) * (1 - 1 / (total - k + 1)) ** power + eta_min, for k = 1 .. total.
+  base_lr, end_lr, power, total = 0.01, 1e-4, 0.9, 50
+  config = default.get_config().optim
+  config.base_lr, config.end_lr, config.power, config.head_lr_mult = base_lr, end_lr, power, 1.0
+  schedules = optim.learning_rates(config, total)
+  lr, expected = base_lr, [base_lr]
+  for k in range(1, total + 1):
+    lr = (lr - end_lr) * (1 - 1 / (total - k + 1)) ** power + end_lr
+    expected.append(lr)
+  actual = [float(schedules['backbone'](k)) for k in range(total + 1)]
+  np.testing.assert_allclose(actual, expected, rtol=1e-5)
+  assert float(schedules['head'](total + 10)) == pytest.approx(end_lr)

@@ -180,3 +180,23 @@ def test_a_uint8_batch_trains_as_its_float32_twin():
   twin_after, twin_metrics = jax.device_get(step(twin_state, sharding.to_global(twin, mesh)))
   assert step_metrics['loss'] == twin_metrics['loss']
   np.testing.assert_array_equal(flat(after), flat(twin_after))
+
+
+def test_mmseg_architecture_trains_with_mmsegs_loss_normalization():
+  """One step of the mmseg architecture; its loss divides by every pixel (mmseg), so it is the
+  labelled-pixel loss times the labelled fraction, on the same weights and batch."""
+  mmseg = dict(stem_widths=(32, 32, 64), contract_dilation=True, dilate_basic_conv2=False,
+               ppm_align_corners=False, align_corners=False)
+  config = small_config(**{f'model.{key}': value for key, value in mmseg.items()},
+                        **{'data.crop_size': 40})  # any size, not only 8k+1
+  batch = make_batch(config)
+  mesh = sharding.make_mesh()
+  losses_by_normalizer = {}
+  for normalizer in ('valid', 'all'):
+    config.model.loss_normalizer = normalizer
+    _, _, step_metrics = run_step(config, mesh, batch)
+    assert step_metrics['finite']
+    losses_by_normalizer[normalizer] = float(step_metrics['loss'])
+  labelled = np.mean(batch['label'] != config.data.ignore_label)
+  np.testing.assert_allclose(losses_by_normalizer['all'], losses_by_normalizer['valid'] * labelled,
+                             rtol=1e-5)
