@@ -1,15 +1,16 @@
 """Deployable exports of the eval-mode model: `jax.export`, ONNX, TF SavedModel, LiteRT (TFLite).
 
 One contract for every format: input `images`, float32, NHWC, RGB normalized
-with the config's mean and std, H and W = 8k+1; output `logits`, float32, NHWC
+with the config's mean and std, H and W = 8k+1 (any H and W of the mmseg
+architecture, `model.align_corners=False`); output `logits`, float32, NHWC
 at the input size (`serving_function` has the alternatives: uint8 input,
 class map, NCHW). The graph is the eval-mode model only (running statistics,
 no dropout, no aux head). The batch is symbolic everywhere.
 
 - `jax`: `jax.export` of the forward with the weights inside, serialized
-  StableHLO for CPU, CUDA and TPU, for any H = 8h+1 and W = 8w+1 (h, w >= 4,
-  symbolic: the resize and pooling maps are computed in the graph from the
-  sizes) unless a size is given. `load_jax(path)` gives a callable; it needs
+  StableHLO for CPU, CUDA and TPU, for any H = 8h+1 and W = 8w+1 (h, w >= 4;
+  the mmseg architecture: any H, W >= 33; symbolic: the resize and pooling maps
+  are computed in the graph from the sizes) unless a size is given. `load_jax(path)` gives a callable; it needs
   jax only, not this project: `jax.export.deserialize(data).call(images)`.
   The other formats fix H x W at export (`size`, default the config's crop):
   their resize and pooling maps are constant matrices for that size, which
@@ -94,22 +95,27 @@ def serving_function(model: nnx.Module, *, uint8_input: bool = False, class_map:
 
 
 def export_size(config, size) -> tuple[int, int]:
-  """(H, W) of a static export: `size` (an int, or (H, W)) or the config's crop; 8k+1 each."""
+  """(H, W) of a static export: `size` (an int, or (H, W)) or the config's crop; at least 33
+  each, and 8k+1 unless the model resizes to any input size (model.align_corners=False)."""
   if size is None:
     size = config.data.crop_size
   height, width = (size, size) if isinstance(size, int) else tuple(size)
+  any_size = not config.model.align_corners
   for side in (height, width):
-    if side < 33 or (side - 1) % 8:
+    if side < 33 or (side - 1) % 8 and not any_size:
       raise ValueError(f'export size {height}x{width}: H and W must be 8k+1 and at least 33 '
                        '(e.g. 473, 513, 713), as the model takes them')
   return height, width
 
 
 def export_jax(serving: Serving, path: str, size: tuple[int, int] | None, *,
-               overwrite: bool = False) -> None:
+               any_size: bool = False, overwrite: bool = False) -> None:
   """Serialized `jax.export` of `serving` for JAX_PLATFORMS with a symbolic batch, at size
-  (H, W), or with `size` None at any H = 8h+1, W = 8w+1 of at least 33 (symbolic h and w)."""
-  if size is None:
+  (H, W), or with `size` None at any H = 8h+1, W = 8w+1 of at least 33 (symbolic h and w;
+  `any_size`: any H, W of at least 33)."""
+  if size is None and any_size:
+    batch, *size = jax.export.symbolic_shape('batch, h, w', constraints=('h >= 33', 'w >= 33'))
+  elif size is None:
     batch, h, w = jax.export.symbolic_shape('batch, h, w', constraints=('h >= 4', 'w >= 4'))
     size = (8 * h + 1, 8 * w + 1)
   else:
@@ -275,6 +281,7 @@ def export_model(config, workdir: str, path: str, fmt: str, step: int | None = N
   serving = serving_function(loaded.model, uint8_input=uint8_input, class_map=class_map,
                              channels_first=channels_first, mean=tuple(config.data.mean),
                              std=tuple(config.data.std))
-  options = {'float16_weights': float16_weights} if fmt == 'tflite' else {}
+  options = ({'float16_weights': float16_weights} if fmt == 'tflite' else
+             {'any_size': not config.model.align_corners} if fmt == 'jax' else {})
   _EXPORTERS[fmt](serving, path, size, overwrite=overwrite, **options)
   return loaded.step

@@ -19,7 +19,7 @@ import torch
 
 from configs import default
 from pspnet_jax import checkpoint, deploy, weights
-from parity import forward, make_twins, max_relative_diff, nchw, nhwc
+from parity import MMSEG_ARCHITECTURE, forward, make_twins, max_relative_diff, nchw, nhwc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +50,7 @@ def _assert_close(actual, expected, tolerance=1e-4):
 @pytest.mark.parametrize('depth,classes,size,kwargs', [
     (18, 21, 57, {'output_stride': 16, 'deep_stem': False}),
     (18, 21, 49, {'use_ppm': False}),
+    (18, 19, 50, MMSEG_ARCHITECTURE),  # mmseg's model takes any size
 ])
 def test_onnx_equals_the_jax_model_at_any_batch(depth, classes, size, kwargs):
   # Randomized BatchNorm statistics and affine parameters, so that folding them is exercised.
@@ -143,6 +144,20 @@ def test_uint8_input_class_map_and_channels_first(tmp_path):
                   session.run(['classes'], {'images': raw})[0]):
     assert classes.dtype == np.int32 and classes.shape == expected.shape[:3]
     _assert_same_classes(classes, expected, 1e-4)
+
+
+def test_jax_export_of_the_mmseg_architecture_takes_any_size(tmp_path):
+  _, model = make_twins(18, 19, **MMSEG_ARCHITECTURE)
+  model.eval()
+  path = str(tmp_path / 'model.jax')
+  deploy.export_jax(deploy.serving_function(model), path, None, any_size=True)
+  call = deploy.load_jax(path)
+  for shape in ((1, 50, 61, 3), (2, 40, 40, 3)):
+    images = np.random.RandomState(0).randn(*shape).astype(np.float32)
+    _assert_close(np.asarray(call(images)), np.asarray(forward(model, images)))
+  config = default.get_config()
+  config.model.align_corners = False
+  assert deploy.export_size(config, (50, 61)) == (50, 61)
 
 
 def test_export_size_must_be_8k_plus_1():

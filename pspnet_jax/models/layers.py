@@ -130,10 +130,14 @@ def _conv_or_dot(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_di
   dot (1024->256 channels on 4x60x60: 109 ms as a convolution, 42 ms as a dot,
   PyTorch 59 ms), and most of a bottleneck ResNet's work is 1x1. The values are
   the same: an unpadded 1x1 kernel reads each (strided) pixel alone. On TPU and
-  GPU XLA lowers such a convolution to a dot anyway.
+  GPU XLA lowers such a convolution to a dot anyway. Symbolic sides (`jax.export`)
+  keep the convolution: its output size is the same expression as the 3x3 convs'
+  beside it, where a strided slice's is one JAX cannot prove equal for any size.
   """
   nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-  if (rhs.shape[:2] == (1, 1) and feature_group_count == 1 and dimension_numbers == nhwc
+  static_sides = all(isinstance(side, int) for side in lhs.shape[1:3])
+  if (static_sides and rhs.shape[:2] == (1, 1) and feature_group_count == 1
+      and dimension_numbers == nhwc
       and all(tuple(side) == (0, 0) for side in padding)
       and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))):
     stride_h, stride_w = window_strides
