@@ -38,6 +38,9 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.data.folder_dir = ml_collections.config_dict.placeholder(str)
   # Training crop (square, 8k+1 as in the official code: 473 or 713).
   config.data.crop_size = recipe.crop_size
+  # 0: square crops; else their width, for crop_size x crop_width crops (mmseg's recipe only,
+  # e.g. Cityscapes 512 x 1024).
+  config.data.crop_width = 0
   # Number of classes the model predicts (training refuses one that is not the dataset's).
   config.data.num_classes = dataset.num_classes
   # Label value that is ignored by the loss and the metrics.
@@ -272,10 +275,8 @@ _MMSEG_PRESETS = {
     ('voc2012', '512'): dict(crop=512, box=(2048, 512), mode='whole', steps=40_000, batch=16),
     ('cityscapes', '769'): dict(crop=769, box=(2049, 1025), mode='slide', window=(769, 769),
                                 stride=(513, 513), steps=80_000, batch=8),
-    # Evaluates the 512x1024 configs' checkpoints as mmseg does (whole 2048x1024 images);
-    # training crops are square here, so this variant trains at 769 like the one above.
-    ('cityscapes', '512x1024'): dict(crop=769, box=(2048, 1024), mode='whole', steps=80_000,
-                                     batch=8),
+    ('cityscapes', '512x1024'): dict(crop=(512, 1024), box=(2048, 1024), mode='whole',
+                                     steps=80_000, batch=8),
 }
 _MMSEG_DEFAULT_CROP = {'ade20k': '512', 'voc2012': '512', 'cityscapes': '769'}
 
@@ -298,7 +299,8 @@ def _mmseg_preset(config: ml_collections.ConfigDict, name: str, crop: str | None
   model.pretrained_format = 'mmseg-resnet'
   if model.backbone == 'resnet18':  # pspnet_r18-d8: decode head 128, aux head 64 channels
     model.head_channels, model.aux_channels = 128, 64
-  config.data.crop_size = preset['crop']
+  crop = preset['crop']
+  config.data.crop_size, config.data.crop_width = (crop, 0) if isinstance(crop, int) else crop
   config.data.augment.recipe = 'mmseg'
   config.data.augment.mmseg_base_scale = preset['box']
   # schedule_*k: SGD lr 0.01, momentum 0.9, weight decay 5e-4, PolyLR power 0.9 to 1e-4,
@@ -312,7 +314,7 @@ def _mmseg_preset(config: ml_collections.ConfigDict, name: str, crop: str | None
   evaluation = config.eval
   evaluation.protocol = f'mmseg_{preset["mode"]}'
   evaluation.mmseg_scale = preset['box']
-  evaluation.mmseg_crop = preset.get('window', (preset['crop'],) * 2)
+  evaluation.mmseg_crop = preset.get('window', (512, 512))
   evaluation.mmseg_stride = preset.get('stride', evaluation.mmseg_stride)
   evaluation.flip = False
 

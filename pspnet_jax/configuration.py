@@ -26,6 +26,9 @@ def validate(config) -> None:
   _require(0 <= data.ignore_label and data.ignore_label >= data.num_classes, 'data.ignore_label',
            data.ignore_label, f'must be >= data.num_classes ({data.num_classes})')
   _require(data.crop_size >= 33, 'data.crop_size', data.crop_size, 'must be at least 33')
+  _require(data.crop_width == 0 or data.crop_width >= 33 and data.augment.recipe == 'mmseg',
+           'data.crop_width', data.crop_width, 'must be 0 (square crops) or, with '
+           "data.augment.recipe='mmseg', at least 33")
   _require(data.batch_dtype in BATCH_DTYPES, 'data.batch_dtype', data.batch_dtype,
            f'must be one of {BATCH_DTYPES}')
   _require(isinstance(data.worker_count, int) and data.worker_count >= -1, 'data.worker_count',
@@ -118,7 +121,7 @@ ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
               'model.stem_widths': [64, 64, 128], 'model.contract_dilation': False,
               'model.ppm_align_corners': True, 'model.align_corners': True,
               'model.dilate_basic_conv2': True, 'model.head_channels': 512,
-              'model.aux_channels': 256, 'model.loss_normalizer': 'valid', 'optim.end_lr': 0.0}
+              'model.aux_channels': 256, 'data.crop_width': 0, 'model.loss_normalizer': 'valid', 'optim.end_lr': 0.0}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

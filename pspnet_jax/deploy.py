@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from pspnet_jax import checkpoint, graph_export, paths, weights
+from pspnet_jax.data import transforms
 
 EXPORT_FORMATS = ('jax', 'onnx', 'savedmodel', 'tflite')
 ONNX_OPSET = 17
@@ -98,7 +99,7 @@ def export_size(config, size) -> tuple[int, int]:
   """(H, W) of a static export: `size` (an int, or (H, W)) or the config's crop; at least 33
   each, and 8k+1 unless the model resizes to any input size (model.align_corners=False)."""
   if size is None:
-    size = config.data.crop_size
+    size = transforms.crop_shape(config.data)
   height, width = (size, size) if isinstance(size, int) else tuple(size)
   any_size = not config.model.align_corners
   for side in (height, width):

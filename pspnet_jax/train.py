@@ -35,7 +35,7 @@ from flax import nnx
 
 from pspnet_jax import (checkpoint, configuration, evaluation, inference, losses, optim,
                         run_lock, sharding, train_state, writers)
-from pspnet_jax.data import pipeline, registry
+from pspnet_jax.data import pipeline, registry, transforms
 from pspnet_jax.stop_request import StopRequest
 from pspnet_jax.train_state import TrainState
 
@@ -145,11 +145,11 @@ def abstract_batch(config, mesh, batch_size: int, dtypes: dict) -> dict:
   """The shapes of a global batch of `batch_size` crops with the host's `dtypes`
   (`pipeline.train_batch_dtypes`, `pipeline.EVAL_BATCH_DTYPES`), split over `data`, for
   lowering a step ahead of time."""
-  crop = config.data.crop_size
+  crop = transforms.crop_shape(config.data)
   batch_sharded = sharding.batch_sharded(mesh)
-  return {'image': jax.ShapeDtypeStruct((batch_size, crop, crop, 3), dtypes['image'],
+  return {'image': jax.ShapeDtypeStruct((batch_size, *crop, 3), dtypes['image'],
                                         sharding=batch_sharded),
-          'label': jax.ShapeDtypeStruct((batch_size, crop, crop), dtypes['label'],
+          'label': jax.ShapeDtypeStruct((batch_size, *crop), dtypes['label'],
                                         sharding=batch_sharded)}
 
 
@@ -189,7 +189,7 @@ def _log_compiled(compiled, config, mesh, state: TrainState) -> None:
                jax.devices()[0].device_kind, jax.process_count(), dict(mesh.shape))
   logging.info('model: %s, %s parameters, global batch %d of %dx%d, compute %s',
                config.model.backbone, f'{num_params:,}', config.train.batch_size,
-               config.data.crop_size, config.data.crop_size, config.model.dtype)
+               *transforms.crop_shape(config.data), config.model.dtype)
   costs = compiled_costs(compiled)
   if costs['temp_bytes'] is not None:
     logging.info('train step memory per device: arguments %.1f MiB, outputs %.1f MiB, '

@@ -272,3 +272,41 @@ def test_bad_recipe_is_rejected():
   with pytest.raises(ValueError, match=r'config\.data\.augment\.recipe.*detectron'):
     transforms.train_augment(image, label, np.random.default_rng(0),
                              mmseg_config(recipe='detectron'))
+
+
+def test_rectangular_crops_of_the_mmseg_recipe():
+  """data.crop_width gives crop_size x crop_width windows (mmseg's Cityscapes 512x1024), padded
+  bottom and right where the image is smaller, the image still aligned with its label."""
+  config = default.get_config()
+  config.data.augment.recipe = 'mmseg'
+  config.data.crop_size, config.data.crop_width = 40, 72
+  config.data.batch_dtype = 'uint8'
+  augment = config.data.augment
+  # No resize (ratio 1 in a box of the image's own size) and the photometric distortion at
+  # its least (a hue shift of at most 1 remains), so that the crop is a window of the coded
+  # image to within a few grey levels (classes are 10 apart).
+  augment.mmseg_ratio_min = augment.mmseg_ratio_max = 1.0
+  augment.brightness_delta, augment.hue_delta = 0, 1
+  augment.contrast_min = augment.contrast_max = augment.saturation_min = 1.0
+  augment.saturation_max = 1.0
+  for seed, (height, width) in enumerate([(60, 130), (30, 50), (45, 71), (39, 200)]):
+    image, label = coded_pair(height, width, seed=seed)
+    augment.mmseg_base_scale = (max(height, width), min(height, width))
+    crop, crop_label = transforms.train_augment(image, label, np.random.default_rng(seed), config)
+    assert crop.shape == (40, 72, 3) and crop_label.shape == (40, 72)
+    labelled = crop_label != IGNORE
+    assert np.abs(crop[..., 0][labelled] - crop_label[labelled] * 10.0).max() <= 3
+    # The window covers min(image, crop) in each direction, from the top left.
+    rows, cols = min(height, 40), min(width, 72)
+    assert (crop_label[rows:] == IGNORE).all() and (crop_label[:, cols:] == IGNORE).all()
+
+
+def test_periodic_evaluation_fits_images_into_a_rectangular_crop():
+  image, label = coded_pair(100, 300)
+  fitted, fitted_label = transforms.eval_resize(image.astype(np.float32), label, (40, 72), MEAN,
+                                                IGNORE)
+  assert fitted.shape == (40, 72, 3)
+  # 100x300 into 40x72: the width binds (72 / 300 < 40 / 100), height round(72 / 300 * 100) = 24,
+  # padded 8 above and 8 below with the ignore label.
+  assert (fitted_label[:8] == IGNORE).all() and (fitted_label[32:] == IGNORE).all()
+  assert (fitted_label[8:32] != IGNORE).all()

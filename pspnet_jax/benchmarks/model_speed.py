@@ -29,6 +29,7 @@ from flax import nnx
 
 from pspnet_jax import configuration, sharding, train
 from pspnet_jax.benchmarks import compile_plan
+from pspnet_jax.data import transforms
 from pspnet_jax.benchmarks.timing import median_seconds
 from pspnet_jax.models import create_model
 
@@ -61,16 +62,17 @@ _IGNORED_FRACTION = 0.1
 def random_batch(config, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Images like normalized ones (zero mean, unit variance) and labels in range, some ignored."""
   rs = np.random.RandomState(0)
-  size = config.data.crop_size
-  images = rs.randn(batch_size, size, size, 3).astype(np.float32)
-  labels = rs.randint(0, config.data.num_classes, (batch_size, size, size)).astype(np.int32)
-  labels[rs.rand(batch_size, size, size) < _IGNORED_FRACTION] = config.data.ignore_label
+  shape = (batch_size, *transforms.crop_shape(config.data))
+  images = rs.randn(*shape, 3).astype(np.float32)
+  labels = rs.randint(0, config.data.num_classes, shape).astype(np.int32)
+  labels[rs.rand(*shape) < _IGNORED_FRACTION] = config.data.ignore_label
   return images, labels
 
 
 def _model_fields(what: str, config, batch_size: int, num_devices: int) -> dict:
   return {'what': what, 'backbone': config.model.backbone, 'dtype': config.model.dtype,
-          'size': config.data.crop_size, 'batch_size': batch_size,
+          'size': config.data.crop_size if not config.data.crop_width
+                  else list(transforms.crop_shape(config.data)), 'batch_size': batch_size,
           'device': jax.devices()[0].device_kind, 'num_devices': num_devices}
 
 

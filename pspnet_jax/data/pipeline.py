@@ -247,8 +247,8 @@ def eval_batches(config, split: str | None = None, *, process_index: int | None 
   """This process's evaluation batches of `split` (default data.eval_split), each example once.
 
   Process p of P takes examples [p*n, (p+1)*n), n = ceil(N/P), in batches of
-  b = eval.batch_size / P, resized so the long side is data.crop_size and
-  padded to the crop (`transforms.eval_resize`). All processes yield
+  b = eval.batch_size / P, resized to fit the training crop and padded to it
+  (`transforms.eval_resize`). All processes yield
   ceil(n/b) batches {'image': float32 (b, crop, crop, 3), 'label': int32
   (b, crop, crop), 'valid': bool (b,)}; padding examples are the mean image
   (0 after normalization) with an all-ignore label and valid False.
@@ -263,12 +263,12 @@ def eval_batches(config, split: str | None = None, *, process_index: int | None 
   stop = min(len(source), start + per_process)
   num_batches = -(-per_process // batch_size)
   check = DecodeAndCheck(data.num_classes, data.ignore_label)
-  crop = data.crop_size
+  crop = transforms.crop_shape(data)
 
   def example(index):
     if index >= stop:
-      return (np.zeros((crop, crop, 3), np.float32),
-              np.full((crop, crop), data.ignore_label, np.int32), False)
+      return (np.zeros((*crop, 3), np.float32), np.full(crop, data.ignore_label, np.int32),
+              False)
     decoded = check.map(source[index])
     image, label = transforms.eval_resize(decoded['image'].astype(np.float32), decoded['label'],
                                           crop, data.mean, data.ignore_label)

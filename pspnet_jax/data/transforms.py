@@ -77,6 +77,16 @@ def hflip(image, label, rng: np.random.Generator, prob: float):
   return image, label
 
 
+def _as_pair(size) -> tuple[int, int]:
+  """An int side -> (side, side); an (H, W) pair as it is."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def crop_shape(data) -> tuple[int, int]:
+  """(H, W) of the training crop: data.crop_size square, or crop_size x data.crop_width."""
+  return data.crop_size, data.crop_width or data.crop_size
+
+
 def _pad_to(image, label, height, width, mean, ignore_label):
   """Pads (half, rest) on each axis up to height x width: image with the mean, label with ignore."""
   pad_h, pad_w = max(height - label.shape[0], 0), max(width - label.shape[1], 0)
@@ -111,22 +121,24 @@ def normalize(image, mean, std):
   return rows.reshape(image.shape)
 
 
-def eval_resize(image, label, crop_size: int, mean, ignore_label: int):
-  """The periodic evaluation's geometry: long side to crop_size, then centred padding to the crop.
+def eval_resize(image, label, crop, mean, ignore_label: int):
+  """The periodic evaluation's geometry: resized to fit the crop (a side, or (H, W)) keeping
+  the aspect ratio (a square crop: the long side to its side), then centred padding to it.
 
-  The resize rounds the short side like semseg's `test.py` (Python's round);
+  The resize rounds the other side like semseg's `test.py` (Python's round);
   the label is resized with nearest neighbour, so metrics are computed at the
   network's resolution.
   """
   height, width = label.shape
-  if height > width:
-    new_h, new_w = crop_size, round(crop_size / height * width)
+  crop_h, crop_w = _as_pair(crop)
+  if height * crop_w > width * crop_h:  # the height binds
+    new_h, new_w = crop_h, round(crop_h / height * width)
   else:
-    new_h, new_w = round(crop_size / width * height), crop_size
+    new_h, new_w = round(crop_w / width * height), crop_w
   new_h, new_w = max(new_h, 1), max(new_w, 1)
   image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
   label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-  return _pad_to(image, label, crop_size, crop_size, mean, ignore_label)
+  return _pad_to(image, label, crop_h, crop_w, mean, ignore_label)
 
 
 def mmseg_rescale_size(height: int, width: int, scale) -> tuple[int, int]:
@@ -155,9 +167,10 @@ def mmseg_random_resize(image, label, rng: np.random.Generator, base_scale, rati
   return image, label
 
 
-def mmseg_random_crop(image, label, rng: np.random.Generator, crop_size: int,
+def mmseg_random_crop(image, label, rng: np.random.Generator, crop_size,
                       cat_max_ratio: float, ignore_label: int, max_tries: int = 10):
-  """RandomCrop: a uniform crop_size window (smaller where the image is), no padding.
+  """RandomCrop: a uniform crop_size (an int, or (H, W)) window (smaller where the image is),
+  no padding.
 
   With cat_max_ratio < 1, up to `max_tries` windows are checked and the first
   that holds at least two classes, none above cat_max_ratio of the valid
@@ -165,11 +178,12 @@ def mmseg_random_crop(image, label, rng: np.random.Generator, crop_size: int,
   check is taken unchecked, exactly as mmseg does.
   """
   height, width = label.shape
+  crop_h, crop_w = _as_pair(crop_size)
 
   def window():
-    top = int(rng.integers(0, max(height - crop_size, 0) + 1))
-    left = int(rng.integers(0, max(width - crop_size, 0) + 1))
-    return slice(top, top + crop_size), slice(left, left + crop_size)
+    top = int(rng.integers(0, max(height - crop_h, 0) + 1))
+    left = int(rng.integers(0, max(width - crop_w, 0) + 1))
+    return slice(top, top + crop_h), slice(left, left + crop_w)
 
   rows, cols = window()
   if cat_max_ratio < 1.0:
@@ -233,8 +247,8 @@ def to_uint8(image):
 
 
 def place_in_crop(image, label, rows: slice, cols: slice, data):
-  """The training crop: `image` (augmented RGB) and `label` at [rows, cols] of a data.crop_size
-  square padded with the mean colour and data.ignore_label.
+  """The training crop: `image` (augmented RGB) and `label` at [rows, cols] of a `crop_shape`
+  crop padded with the mean colour and data.ignore_label.
 
   data.batch_dtype 'float32': the image normalized here, the padding exactly 0
   (as semseg's and mmseg's padding after their normalization). 'uint8': RGB
@@ -244,15 +258,15 @@ def place_in_crop(image, label, rows: slice, cols: slice, data):
   smallest std once normalized); mmseg's own chain rounds to uint8 after every
   step, so for its recipe only the padding moves.
   """
-  crop = data.crop_size
-  out_label = np.full((crop, crop), data.ignore_label, np.uint8)
+  crop = crop_shape(data)
+  out_label = np.full(crop, data.ignore_label, np.uint8)
   out_label[rows, cols] = label
   if data.batch_dtype == 'uint8':
-    out_image = np.empty((crop, crop, 3), np.uint8)
+    out_image = np.empty((*crop, 3), np.uint8)
     out_image[...] = to_uint8(np.asarray(data.mean))
     out_image[rows, cols] = to_uint8(image)
   else:
-    out_image = np.zeros((crop, crop, 3), np.float32)
+    out_image = np.zeros((*crop, 3), np.float32)
     out_image[rows, cols] = normalize(image, data.mean, data.std)
   return out_image, out_label
 
@@ -339,7 +353,7 @@ def _mmseg_augment(image, label, rng: np.random.Generator, config):
     raise TypeError(f'the mmseg recipe works on the decoded uint8 image, got {image.dtype}')
   image, label = mmseg_random_resize(image, label, rng, augment.mmseg_base_scale,
                                      augment.mmseg_ratio_min, augment.mmseg_ratio_max)
-  image, label = mmseg_random_crop(image, label, rng, data.crop_size, augment.cat_max_ratio,
+  image, label = mmseg_random_crop(image, label, rng, crop_shape(data), augment.cat_max_ratio,
                                    data.ignore_label)
   image, label = hflip(image, label, rng, augment.flip_prob)
   image, label = photometric_distortion(
