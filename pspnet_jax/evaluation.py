@@ -9,7 +9,8 @@ Two ways, both summing one dataset-level confusion matrix before any ratio
     computed on the devices. Fast and of one shape, but at the network's
     resolution.
   - `evaluate_split`, the official protocol (`inference`, eval.protocol
-    whole or slide): probabilities at each image's original size, compared
+    semseg's whole or slide, mmseg's mmseg_whole or mmseg_slide):
+    probabilities at each image's original size, compared
     with the original label. Each process evaluates its own contiguous share of
     the split; the counts are summed over processes at the end.
 
