@@ -8,6 +8,7 @@ be overridden on the command line: `--config.model.backbone=resnet101`.
 
 import ml_collections
 
+from pspnet_jax import models
 from pspnet_jax.data import labels, registry
 
 BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
@@ -167,11 +168,14 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   # rounding (the recomputed forward may fuse differently).
   config.model.remat = 'none'
   # ImageNet backbone weights to start from ('' = random init): a .pth or .safetensors
-  # file, read once when a run starts fresh (pspnet_jax.train_state; a resumed run never
-  # reads it).
+  # file, a URL, or a known name (pspnet_jax/pretrained.py: torchvision:resnet50,
+  # mmseg:resnet50_v1c, semseg:resnet50_v2, ...; downloaded once into ~/.cache/pspnet_jax,
+  # checked), read once when a run starts fresh (a resumed run never reads it). The
+  # official results start from semseg:resnet50_v2 / resnet101_v2 (semseg's initmodel).
   config.model.pretrained = ''
-  # Layout of model.pretrained: semseg-resnet (deep stem, semseg's resnet50_v2.pth)
-  # or torchvision-resnet (7x7 stem, torchvision's resnet50-*.pth).
+  # Layout of model.pretrained: semseg-resnet (deep stem, semseg's resnet50_v2.pth),
+  # torchvision-resnet (7x7 stem, torchvision's resnet50-*.pth) or mmseg-resnet
+  # (ResNetV1c, open-mmlab's resnet50_v1c, for arch=mmseg).
   config.model.pretrained_format = 'semseg-resnet'
 
   config.optim = ml_collections.ConfigDict()
@@ -290,13 +294,13 @@ def _mmseg_preset(config: ml_collections.ConfigDict, name: str, crop: str | None
     raise ValueError(f'arch=mmseg,crop={crop}: {name} has the mmseg crops {known}')
   model = config.model
   # ResNetV1c (deep stem 32-32-64, contract_dilation), align_corners=False everywhere.
-  model.stem_widths = (32, 32, 64)
-  model.contract_dilation = True
-  model.dilate_basic_conv2 = False
-  model.ppm_align_corners = False
-  model.align_corners = False
+  for key, value in models.MMSEG_ARCHITECTURE.items():
+    model[key] = value
   model.loss_normalizer = 'all'
   model.pretrained_format = 'mmseg-resnet'
+  # mmseg's configs start from open-mmlab://resnet{18,50,101}_v1c (downloaded on first use).
+  depth = model.backbone.removeprefix('resnet')
+  model.pretrained = f'mmseg:resnet{depth}_v1c' if depth in ('18', '50', '101') else ''
   if model.backbone == 'resnet18':  # pspnet_r18-d8: decode head 128, aux head 64 channels
     model.head_channels, model.aux_channels = 128, 64
   crop = preset['crop']

@@ -6,14 +6,22 @@
       --export_path=pspnet50.pth --format=semseg [--step=N] [--overwrite]
   python -m pspnet_jax.convert --config=configs/ade20k.py --workdir=DIR \\
       --export_path=pspnet50.onnx --format=onnx [--export_size=473[,473]]
+  python -m pspnet_jax.convert --config=configs/ade20k.py:arch=mmseg --workdir=DIR \\
+      --import_path=pspnet_r50-d8_512x512_160k_ade20k.pth --format=mmseg
+  python -m pspnet_jax.convert --config=configs/ade20k.py:arch=mmseg --workdir=DIR \\
+      --export_path=pspnet_r50-d8_ade20k.pth --format=mmseg [--step=N] [--overwrite]
 
 An import becomes checkpoint 0 of an empty workdir (training then starts from
 those weights with a fresh optimizer); a file that cannot be read fails with
 its name and the reason, and non-float32 weights are converted with a warning.
 An export writes the latest (or `--step`) checkpoint; the file appears under
 its name only once complete, and an existing file is replaced only with
-`--overwrite`. Reading or writing `.pth` needs PyTorch. The deployable formats
-(`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode
+`--overwrite`. Reading or writing `.pth` needs PyTorch. mmsegmentation
+checkpoints (`mmseg`: model-zoo files, bare state_dicts and training
+checkpoints in; out `{'meta', 'state_dict'}`, which mmseg's `load_checkpoint`
+loads with strict keys) need the config variant `arch=mmseg`, whose ImageNet
+backbone format is `model.pretrained_format=mmseg-resnet` (ResNetV1c). The
+deployable formats (`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode
 forward, input `images` float32 NHWC normalized RGB, output `logits` float32
 NHWC at the input size, at a fixed H x W (`--export_size`, default the
 config's crop; jax: any 8k+1 size unless given).

@@ -17,7 +17,8 @@ import optax
 from etils import epath
 from flax import nnx
 
-from pspnet_jax import checkpoint, sharding, weights
+from pspnet_jax import checkpoint, pretrained, sharding, weights
+from pspnet_jax.errors import UserError
 from pspnet_jax.models import create_model, dropout_streams
 
 
@@ -92,11 +93,15 @@ def init_train_state(config, tx: optax.GradientTransformation, mesh) -> TrainSta
   params, batch_stats, rngs = jax.jit(lambda: _init_variables(config),
                                       out_shardings=replicated)()
   if config.model.pretrained:
-    if not epath.Path(config.model.pretrained).is_file():
-      raise ValueError(f'config.model.pretrained={config.model.pretrained!r}: no such file')
+    # A known name or URL is downloaded into the cache once (pspnet_jax.pretrained).
+    path = pretrained.resolve(config.model.pretrained, config.model.pretrained_format)
+    if not epath.Path(path).is_file():
+      raise UserError(f'config.model.pretrained={config.model.pretrained!r}: no such file (or '
+                      f'a name of {sorted(pretrained.KNOWN)}, or a URL)')
     variables = weights.backbone_from_file(
-        jax.device_get(nnx.merge_state(params, batch_stats)), config.model.pretrained,
-        config.model.pretrained_format, deep_stem=config.model.deep_stem)
+        jax.device_get(nnx.merge_state(params, batch_stats)), path,
+        config.model.pretrained_format, deep_stem=config.model.deep_stem,
+        stem_widths=config.model.stem_widths)
     params, batch_stats = nnx.split_state(sharding.replicate(variables, mesh), nnx.Param,
                                           nnx.BatchStat)
   return _placed_new_state(params, batch_stats, rngs, tx, mesh)

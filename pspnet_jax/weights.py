@@ -24,12 +24,28 @@ leaves half a file under that name; an existing file is refused unless
 `overwrite=True` (`--overwrite` of the command). Weights files may be `gs://`
 URIs both ways (through etils.epath): an export there is written locally and
 copied up whole (an object appears only once its upload is complete).
+
+mmsegmentation (`mmseg`, `mmseg-pspnet.md`): its PSPNet checkpoints are the
+official layers under other names (`backbone.stem.0`, `decode_head.conv_seg`,
+...), one more name table on top of semseg's, for the config variant
+`arch=mmseg` (its ResNetV1c stem and switches; other configs are refused by
+name). Model-zoo files, bare state_dicts and training checkpoints are read;
+the bookkeeping of training checkpoints (mmengine's `message_hub` with its
+HistoryBuffer objects, numpy arrays and scalars) is unpickled into inert
+stand-ins, never into mmengine or numpy code, and any other global a file
+names beyond torch's weights-only set is refused before anything runs. The
+plain-data part of the file's `meta` (its `dataset_meta`, ...) is kept and
+written back by an export, in mmseg's key order with every BatchNorm's
+`num_batches_tracked`. `mmseg-resnet` is the ImageNet ResNetV1c of
+`open-mmlab://resnet50_v1c` (keys `stem.N`, `layerN`, `fc`).
 """
 
 import collections
 import contextlib
 import functools
+import math
 import os
+import pickle
 import re
 import tempfile
 import uuid
@@ -41,8 +57,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from pspnet_jax import checkpoint, paths
-from pspnet_jax.models import create_model
+from pspnet_jax import checkpoint, paths, sharding
+from pspnet_jax.models import MMSEG_ARCHITECTURE, create_model
 
 # Module renames, applied in order to the dotted Flax path of a variable.
 _DOWNSAMPLE = [(r'\.downsample\.conv\.', '.downsample.0.'), (r'\.downsample\.bn\.', '.downsample.1.')]
@@ -61,6 +77,38 @@ _SEMSEG_RENAMES = [
 ]
 # An ImageNet ResNet (semseg's resnet50_v2.pth or torchvision's): the stem is at the top level.
 _RESNET_RENAMES = [(r'^layer0\.', ''), *_DOWNSAMPLE]
+# mmsegmentation's EncoderDecoder, applied after the semseg renames (mmseg-pspnet.md, "Key
+# mapping"): ResNetV1c's stem Sequential keeps semseg's indices, PPM branches and heads are
+# ConvModules (conv, bn), and the classifiers are the heads' conv_seg.
+_MMSEG_RENAMES = [
+    *_SEMSEG_RENAMES,
+    (r'^layer0\.', 'backbone.stem.'), (r'^(layer[1-4])\.', r'backbone.\1.'),
+    (r'^ppm\.features\.(\d+)\.1\.', r'decode_head.psp_modules.\1.1.conv.'),
+    (r'^ppm\.features\.(\d+)\.2\.', r'decode_head.psp_modules.\1.1.bn.'),
+    (r'^cls\.0\.', 'decode_head.bottleneck.conv.'), (r'^cls\.1\.', 'decode_head.bottleneck.bn.'),
+    (r'^cls\.4\.', 'decode_head.conv_seg.'),
+    (r'^aux\.0\.', 'auxiliary_head.convs.0.conv.'), (r'^aux\.1\.', 'auxiliary_head.convs.0.bn.'),
+    (r'^aux\.4\.', 'auxiliary_head.conv_seg.'),
+]
+# An ImageNet ResNetV1c (open-mmlab://resnet50_v1c): semseg's layer0 Sequential named `stem`.
+_MMSEG_RESNET_RENAMES = [*_SEMSEG_RENAMES, (r'^layer0\.', 'stem.')]
+_MMSEG_PREFIXES = ('backbone.', 'decode_head.', 'auxiliary_head.')
+# The order of mmseg's state_dict, which is its modules' order of creation: per dotted part, the
+# rank of a name (numbers in their order). BaseDecodeHead creates conv_seg before PSPHead its
+# psp_modules and bottleneck (and FCNHead its convs); Bottleneck and BasicBlock add conv1, bn1,
+# conv2, ... and then the downsample; ConvModule conv, then bn; BatchNorm's parameters come before
+# its buffers.
+_MMSEG_ORDER = {name: rank for names in (
+    ('backbone', 'decode_head', 'auxiliary_head'), ('stem', 'layer1', 'layer2', 'layer3', 'layer4'),
+    ('conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3', 'downsample'),
+    ('conv_seg', 'psp_modules', 'bottleneck'), ('conv_seg', 'convs'), ('conv', 'bn'),
+    ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'),
+) for rank, name in enumerate(names)}
+# The switches of mmsegmentation's PSPNet (configs/default.py, the config variant arch=mmseg):
+# with other stem widths its tensors do not fit, with the other switches they would load and
+# compute something else. dilate_basic_conv2 matters for basic blocks (ResNet-18/34) only.
+_BASIC_BLOCK_BACKBONES = ('resnet18', 'resnet34')
+_SEMSEG_STEM_WIDTHS = (64, 64, 128)
 _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
                'var': 'running_var'}
 _BACKBONE_PREFIXES = ('layer0.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
@@ -76,11 +124,22 @@ _SAFETENSORS_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
 _ZIP_START, _ZIP_END, _ZIP_END_SEARCH = b'PK\x03\x04', b'PK\x05\x06', 22 + 0xFFFF
 _PICKLE_START = b'\x80'
 
+# Globals of training checkpoints' bookkeeping that torch's weights-only unpickler refuses
+# (mmengine's MessageHub state: HistoryBuffer objects holding numpy arrays, numpy scalars, and
+# the buffers' statistics methods, which pickle writes as getattr(HistoryBuffer, 'min')):
+# unpickled into `_StandIn`s, by their names only. Nothing of these is imported or run.
+_STAND_IN_MODULES = ('mmengine.', 'mmcv.', 'mmseg.', 'numpy.')
+_STAND_IN_GLOBALS = ('builtins.getattr',)
+
 # ImageNet backbones (config.model.pretrained_format), by stem; the file may be .pth or
 # .safetensors.
-PRETRAINED_FORMATS = ('semseg-resnet', 'torchvision-resnet')
-IMPORT_FORMATS = ('semseg', 'safetensors', *PRETRAINED_FORMATS)
-EXPORT_FORMATS = ('semseg', 'safetensors')
+PRETRAINED_FORMATS = ('semseg-resnet', 'torchvision-resnet', 'mmseg-resnet')
+# format -> (deep stem, its widths or None for any).
+_PRETRAINED_STEMS = {'semseg-resnet': (True, _SEMSEG_STEM_WIDTHS),
+                     'torchvision-resnet': (False, None),
+                     'mmseg-resnet': (True, MMSEG_ARCHITECTURE['stem_widths'])}
+IMPORT_FORMATS = ('semseg', 'mmseg', 'safetensors', *PRETRAINED_FORMATS)
+EXPORT_FORMATS = ('semseg', 'mmseg', 'safetensors')
 
 
 def torch_name(path: str, renames) -> str:
@@ -97,6 +156,36 @@ def semseg_name(path: str) -> str:
   return torch_name(path, _SEMSEG_RENAMES)
 
 
+def _mmseg_order(key: str) -> tuple:
+  """The sort key that puts an mmseg state_dict in the order mmseg's own state_dict() has."""
+  order = []
+  for part in key.split('.'):
+    if part.isdigit():
+      order.append((0, int(part)))
+    elif part in _MMSEG_ORDER:
+      order.append((1, _MMSEG_ORDER[part]))
+    else:
+      raise ValueError(f'{key}: {part!r} is no module of mmseg\'s PSPNet')
+  return tuple(order)
+
+
+def check_mmseg_architecture(config, what: str) -> None:
+  """Raises ValueError naming the config keys that are not mmseg's PSPNet (the variant
+  arch=mmseg), which `what` (an mmseg checkpoint's import or export) needs."""
+  wrong = []
+  for key, expected in MMSEG_ARCHITECTURE.items():
+    if key == 'dilate_basic_conv2' and config.model.backbone not in _BASIC_BLOCK_BACKBONES:
+      continue
+    value = config.model[key]
+    if (tuple(value) if key == 'stem_widths' else value) != expected:
+      wrong.append(f'model.{key}={value!r}')
+  if wrong:
+    preset = ', '.join(f'model.{key}={value!r}' for key, value in MMSEG_ARCHITECTURE.items())
+    raise ValueError(f'{what} needs mmsegmentation\'s PSPNet, but the config has '
+                     f'{", ".join(wrong)}: use the config variant arch=mmseg (e.g. '
+                     f'--config=configs/ade20k.py:arch=mmseg), which sets {preset}')
+
+
 def _to_torch_array(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(array, (3, 2, 0, 1))) if array.ndim == 4 else array
 
@@ -109,22 +198,32 @@ def _torch_shape(shape) -> tuple:
   return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
-def to_torch_state_dict(variables: nnx.State, batches_tracked=None) -> dict[str, np.ndarray]:
+def to_torch_state_dict(variables: nnx.State, batches_tracked=None, *, renames=None
+                        ) -> dict[str, np.ndarray]:
   """Model variables -> the official PSPNet `state_dict` (numpy, float32, OIHW kernels).
 
   Every BatchNorm gets its `num_batches_tracked` buffer (which `strict=True`
   loading requires; BatchNorm with momentum 0.1 never reads it): the value from
-  `batches_tracked` (a dict by BatchNorm name, as an import recorded it) or 0.
+  `batches_tracked` (a dict by the BatchNorm's semseg name, as an import recorded
+  it) or 0. `renames`: another name table (mmseg's), semseg's by default.
   """
   batches_tracked = batches_tracked or {}
   state_dict = {}
   for path, value in checkpoint.flatten(variables.to_pure_dict()).items():
-    name = semseg_name(path)
+    name = torch_name(path, renames or _SEMSEG_RENAMES)
     state_dict[name] = _to_torch_array(np.asarray(value))
     if name.endswith('.running_mean'):
-      bn = name[:-len('running_mean')]
-      state_dict[bn + _BATCHES_TRACKED] = np.array(batches_tracked.get(bn, 0), np.int64)
+      bn = semseg_name(path)[:-len('running_mean')]
+      state_dict[name[:-len('running_mean')] + _BATCHES_TRACKED] = np.array(
+          batches_tracked.get(bn, 0), np.int64)
   return state_dict
+
+
+def to_mmseg_state_dict(variables: nnx.State, batches_tracked=None) -> dict[str, np.ndarray]:
+  """Model variables -> mmsegmentation's PSPNet `state_dict`, in mmseg's order (as
+  `to_torch_state_dict`)."""
+  state_dict = to_torch_state_dict(variables, batches_tracked, renames=_MMSEG_RENAMES)
+  return {key: state_dict[key] for key in sorted(state_dict, key=_mmseg_order)}
 
 
 def _format_problems(title: str, problems: list[str]) -> str:
@@ -134,15 +233,18 @@ def _format_problems(title: str, problems: list[str]) -> str:
 
 
 def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, *,
-                          backbone_only: bool = False, source: str = 'weights') -> nnx.State:
+                          backbone_only: bool = False, source: str = 'weights',
+                          renames=None) -> nnx.State:
   """Returns `variables` with every entry replaced by its tensor from a PyTorch state_dict.
 
-  `backbone_only`: `tensors` is an ImageNet ResNet (top-level stem, an `fc`
-  classifier to ignore); only layer0..layer4 are replaced, the heads keep
-  their values. Missing, unexpected and wrongly shaped tensors are all
-  reported by name in one ValueError.
+  `backbone_only`: `tensors` is an ImageNet ResNet (an `fc` classifier to
+  ignore); only layer0..layer4 are replaced, the heads keep their values.
+  `renames`: the file's name table (default: semseg's, or with `backbone_only`
+  the top-level stem of semseg's and torchvision's ResNets). Missing,
+  unexpected and wrongly shaped tensors are all reported by the file's names
+  in one ValueError.
   """
-  renames = _RESNET_RENAMES if backbone_only else _SEMSEG_RENAMES
+  renames = renames or (_RESNET_RENAMES if backbone_only else _SEMSEG_RENAMES)
   used, problems = set(), []
   converted = collections.Counter()  # dtype name -> how many tensors were cast to float32
 
@@ -183,8 +285,10 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
   problems += [f'{key}: unexpected (the model has no such parameter)' for key in sorted(unexpected)]
   if problems:
     raise ValueError(_format_problems(f'{source} do not fit the model of the config '
-                                      '(check model.backbone, model.deep_stem, model.use_ppm, '
-                                      'data.num_classes and --format)', problems))
+                                      '(check model.backbone, model.deep_stem, '
+                                      'model.stem_widths, model.use_ppm, model.head_channels, '
+                                      'model.aux_channels, data.num_classes and --format)',
+                                      problems))
   if converted:
     # Not an error (half-precision releases are common), but the extra precision of an fp32
     # training is not in the file, and an export writes float32, not the file's dtype.
@@ -253,17 +357,88 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   return tensors
 
 
+class _StandIn:
+  """What a bookkeeping global of a training checkpoint (`_STAND_IN_MODULES`) unpickles into:
+  takes any constructor arguments and state, keeps none of them, runs nothing."""
+
+  def __new__(cls, *args, **kwargs):
+    del args, kwargs
+    return super().__new__(cls)
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+
+def _torch_load(torch, file):
+  """torch.load with weights_only=True; a file it refuses for globals that are all training
+  bookkeeping (`_STAND_IN_MODULES`, `_STAND_IN_GLOBALS`) is read again with those globals as
+  `_StandIn`s (the unpickler calls, builds and sets the state of nothing else). Any other global
+  (a class or function the file would import and call) is refused before anything runs."""
+  try:
+    return torch.load(file, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as error:
+    file.seek(0)
+    try:  # the GLOBAL opcodes of the file's pickle, read without running any
+      unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # pylint: disable=broad-exception-caught  (a legacy or broken file)
+      raise error from None
+    if not unsafe:  # refused for another reason
+      raise
+    refused = [name for name in unsafe
+               if not name.startswith(_STAND_IN_MODULES) and name not in _STAND_IN_GLOBALS]
+    if refused:
+      raise pickle.UnpicklingError(
+          f'it would import and call {", ".join(refused)}, which a weights file may not (read '
+          'with torch\'s weights-only unpickler; of other globals only the bookkeeping of '
+          f'training checkpoints is accepted, as inert stand-ins: {_STAND_IN_MODULES} and '
+          f'{_STAND_IN_GLOBALS})') from None
+    file.seek(0)
+    with torch.serialization.safe_globals([(_StandIn, name) for name in unsafe]):
+      return torch.load(file, map_location='cpu', weights_only=True)
+
+
+def _plain(value):
+  """`value` as JSON-able plain data (tuples as lists), or None when it holds anything else."""
+  if value is None or isinstance(value, (str, bool, int)):
+    return value
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, (list, tuple)):
+    items = [_plain(item) for item in value]
+    return None if any(p is None and v is not None for p, v in zip(items, value)) else items
+  if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+    items = {key: _plain(item) for key, item in value.items()}
+    return (None if any(items[key] is None and item is not None for key, item in value.items())
+            else items)
+  return None
+
+
+def _plain_meta(meta: dict, path: str) -> dict:
+  """The entries of an mmseg checkpoint's `meta` that are plain data (kept for an export)."""
+  kept = {key: _plain(value) for key, value in meta.items() if isinstance(key, str)}
+  dropped = sorted(str(key) for key in meta if key not in kept
+                   or (kept[key] is None and meta[key] is not None))
+  if dropped:
+    logging.info('%s: meta entries %s are not plain data; not kept', path, dropped)
+  return {key: value for key, value in kept.items() if key not in dropped}
+
+
 def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict]:
   torch = _import_torch()
   try:
     with epath.Path(path).open('rb') as file:
-      loaded = torch.load(file, map_location='cpu', weights_only=True)
+      loaded = _torch_load(torch, file)
   except Exception as error:  # pickle, zip and torch errors alike mean the same here
     raise _unreadable(path, 'PyTorch checkpoint', error, _torch_file_diagnosis(path)) from error
   extras = {}
   if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
     if 'epoch' in loaded:
       extras['epoch'] = int(loaded['epoch'])
+    if isinstance(loaded.get('meta'), dict):  # mmseg's (mmcv / mmengine) checkpoints
+      extras['mmseg_meta'] = _plain_meta(loaded['meta'], path)
     loaded = loaded['state_dict']
   if not isinstance(loaded, dict):
     raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state_dict')
@@ -287,7 +462,8 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """A .pth (official checkpoint or bare state_dict) or .safetensors file -> (numpy tensors, extras).
 
   `module.` prefixes (DataParallel / DistributedDataParallel) are stripped;
-  extras holds the official checkpoint's `epoch` when present. Tensors keep
+  extras holds the official checkpoint's `epoch` and the plain-data entries of
+  an mmseg checkpoint's `meta` (`mmseg_meta`) when present. Tensors keep
   the file's dtype (bfloat16 as jax's); a file that cannot be read raises a
   ValueError that names it and says why.
   """
@@ -342,14 +518,23 @@ def write_atomically(path: str, write, *, overwrite: bool) -> None:
 
 
 def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch: int, *,
-                  overwrite: bool = False) -> None:
-  """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys) or safetensors.
+                  meta: dict | None = None, overwrite: bool = False) -> None:
+  """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys), an mmseg .pth
+  ({'meta', 'state_dict'}, keys as given, in their order) or safetensors.
 
   Atomically (see `write_atomically`); an existing `path` is refused unless `overwrite`.
   """
   if fmt == 'safetensors':
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     write = functools.partial(save_file, state_dict)
+  elif fmt == 'mmseg':
+    torch = _import_torch()
+    # What mmengine's save_checkpoint writes for a model (no optimizer: mmseg's tools load it
+    # with load_checkpoint, which takes the state_dict and meta only).
+    write = functools.partial(torch.save, {
+        'meta': meta or {},
+        'state_dict': collections.OrderedDict(
+            (key, torch.from_numpy(np.array(value))) for key, value in state_dict.items())})
   else:
     torch = _import_torch()
     # semseg's test.py loads into nn.DataParallel(model), hence the `module.` prefix.
@@ -360,18 +545,50 @@ def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch:
   write_atomically(path, write, overwrite=overwrite)
 
 
-def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: bool
-                       ) -> nnx.State:
-  """`variables` with layer0..layer4 from an ImageNet ResNet file; the heads keep their values."""
+def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: bool,
+                       stem_widths=_SEMSEG_STEM_WIDTHS) -> nnx.State:
+  """`variables` with layer0..layer4 from an ImageNet ResNet file; the heads keep their values.
+
+  `deep_stem` and `stem_widths` (config.model's) must be the stem of `fmt`.
+  """
+  _check_pretrained_stem(path, fmt, deep_stem, stem_widths)
+  tensors, _ = read_tensors(path)
+  renames = None
+  if fmt == 'mmseg-resnet':
+    # mmseg's own backbone checkpoints may carry the segmentor's `backbone.` prefix.
+    tensors = {key.removeprefix('backbone.'): value for key, value in tensors.items()}
+    renames = _MMSEG_RESNET_RENAMES
+  return from_torch_state_dict(tensors, variables, backbone_only=True, source=f'{path} ({fmt})',
+                               renames=renames)
+
+
+def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths) -> None:
   if fmt not in PRETRAINED_FORMATS:
     raise ValueError(f'{path}: format {fmt!r} is not an ImageNet backbone; use one of '
                      f'{PRETRAINED_FORMATS}')
-  wants_deep = fmt == 'semseg-resnet'
+  wants_deep, wants_widths = _PRETRAINED_STEMS[fmt]
   if deep_stem != wants_deep:
     raise ValueError(f'{path}: format {fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
                      f'the model has config.model.deep_stem={deep_stem}')
-  tensors, _ = read_tensors(path)
-  return from_torch_state_dict(tensors, variables, backbone_only=True, source=f'{path} ({fmt})')
+  if wants_widths is not None and tuple(stem_widths) != wants_widths:
+    hint = (' (the config variant arch=mmseg)' if fmt == 'mmseg-resnet' else
+            ' (semseg\'s; mmseg-resnet is the 32-32-64 stem of ResNetV1c)')
+    raise ValueError(f'{path}: format {fmt} holds a stem of widths {wants_widths} but the model '
+                     f'has config.model.stem_widths={tuple(stem_widths)}: set '
+                     f'model.stem_widths={wants_widths}{hint}')
+
+
+def _check_layout(tensors: dict, fmt: str, path: str) -> None:
+  """Refuses an mmseg checkpoint given as `semseg` (or safetensors) and the other way round."""
+  mmseg_keys = [key for key in tensors if key.startswith(_MMSEG_PREFIXES)]
+  if fmt == 'mmseg' and not mmseg_keys:
+    raise ValueError(f'{path} is no mmsegmentation checkpoint: none of its keys starts with '
+                     f'{" / ".join(_MMSEG_PREFIXES)} (it has {sorted(tensors)[:3]} ...); an '
+                     'official semseg checkpoint (layer0..., ppm..., cls..., aux...) is '
+                     '--format=semseg')
+  if fmt != 'mmseg' and mmseg_keys:
+    raise ValueError(f'{path} is an mmsegmentation checkpoint (keys such as {mmseg_keys[0]}): '
+                     'import it with --format=mmseg and the config variant arch=mmseg')
 
 
 def import_weights(config, workdir: str, path: str, fmt: str) -> str:
@@ -386,19 +603,33 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
     return create_model(config, rngs=nnx.Rngs(config.seed))
 
   if fmt in PRETRAINED_FORMATS:
-    # The heads keep their random initialization.
+    # Refused before the (eager, slow) initialization; the heads keep their random one.
+    _check_pretrained_stem(path, fmt, config.model.deep_stem, config.model.stem_widths)
     variables = checkpoint.model_variables(fresh_model())
-    variables = backbone_from_file(variables, path, fmt, deep_stem=config.model.deep_stem)
+    variables = backbone_from_file(variables, path, fmt, deep_stem=config.model.deep_stem,
+                                   stem_widths=config.model.stem_widths)
   else:
     # Every variable comes from the file: the model's shapes are all it takes.
     tensors, extras = read_tensors(path)
-    variables = from_torch_state_dict(
-        tensors, checkpoint.model_variables(nnx.eval_shape(fresh_model)), source=path)
-    # Kept only so that an export gives back the very same file.
+    _check_layout(tensors, fmt, path)
+    renames = _SEMSEG_RENAMES
+    if fmt == 'mmseg':
+      check_mmseg_architecture(config, f'{path} (--format=mmseg)')
+      renames = _MMSEG_RENAMES
+    else:
+      extras.pop('mmseg_meta', None)
+    abstract = checkpoint.model_variables(nnx.eval_shape(fresh_model))
+    variables = from_torch_state_dict(tensors, abstract, source=path, renames=renames)
+    # Kept only so that an export gives back the very same file. The counts are kept by the
+    # BatchNorms' semseg names, whatever the file's names.
+    semseg_bns = {torch_name(name, renames)[:-len('running_mean')]:
+                  semseg_name(name)[:-len('running_mean')]
+                  for name in checkpoint.flatten(abstract.to_pure_dict()) if name.endswith('.mean')}
     meta.update(extras)
-    meta['num_batches_tracked'] = {key[:-len(_BATCHES_TRACKED)]: int(value)
+    meta['num_batches_tracked'] = {semseg_bns.get(bn, bn): int(value)
                                    for key, value in tensors.items()
-                                   if key.endswith(_BATCHES_TRACKED)}
+                                   if key.endswith(_BATCHES_TRACKED)
+                                   for bn in [key[:-len(_BATCHES_TRACKED)]]}
   return checkpoint.save_model(workdir, 0, variables, meta)
 
 
@@ -410,12 +641,42 @@ def export_weights(config, workdir: str, path: str, fmt: str, step: int | None =
   """
   # Before the restore, so that a refusal costs nothing; write_tensors checks again.
   refuse_existing(path, overwrite)
-  loaded = checkpoint.load_model(config, workdir, step)
-  state_dict = to_torch_state_dict(checkpoint.model_variables(loaded.model),
-                                   loaded.meta.get('num_batches_tracked'))
+  if fmt == 'mmseg':
+    check_mmseg_architecture(config, 'an export with --format=mmseg')
+  # One device holds the weights to write (all of them would each hold a copy).
+  loaded = checkpoint.load_model(config, workdir, step,
+                                 mesh=sharding.make_mesh(jax.local_devices()[:1]))
+  variables = checkpoint.model_variables(loaded.model)
+  batches_tracked = loaded.meta.get('num_batches_tracked')
+  meta = None
+  if fmt == 'mmseg':
+    state_dict = to_mmseg_state_dict(variables, batches_tracked)
+    meta = _mmseg_meta(config, loaded)
+  else:
+    state_dict = to_torch_state_dict(variables, batches_tracked)
   # Counted in steps here; an imported official checkpoint gives its epoch back.
-  write_tensors(state_dict, path, fmt, epoch=loaded.meta.get('epoch', loaded.step),
+  write_tensors(state_dict, path, fmt, epoch=loaded.meta.get('epoch', loaded.step), meta=meta,
                 overwrite=overwrite)
   return loaded.step
+
+
+def _mmseg_meta(config, loaded: checkpoint.LoadedModel) -> dict:
+  """The `meta` of an mmseg export: the one an mmseg import kept, else ours, with the dataset's
+  class names and palette (`dataset_meta`, which mmseg's init_model gives the model) when the
+  meta has none and the config's dataset has them."""
+  meta = loaded.meta.get('mmseg_meta')
+  if meta is None:
+    meta = {'exported_by': 'pspnet_jax', 'step': loaded.step}
+    if loaded.meta.get('source'):
+      meta['source'] = loaded.meta['source']
+  if 'dataset_meta' in meta or 'CLASSES' in meta:
+    return meta
+  from pspnet_jax.data import registry  # pylint: disable=import-outside-toplevel
+  try:
+    names, palette = registry.class_names(config), registry.palette(config)
+  except (ValueError, OSError) as error:  # another class count, an unbuilt folder dataset
+    logging.info('no dataset_meta in the mmseg export: %s', error)
+    return meta
+  return {**meta, 'dataset_meta': {'classes': list(names), 'palette': palette.tolist()}}
 
 

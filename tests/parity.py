@@ -5,13 +5,14 @@ import numpy as np
 import torch
 from flax import nnx
 
-from pspnet_jax import checkpoint, torch_reference, weights
+from pspnet_jax import checkpoint, models, torch_reference, weights
 from pspnet_jax.models.pspnet import PSPNet
 
 
-# The switches that turn semseg's PSPNet into mmsegmentation's (the config variant arch=mmseg).
-MMSEG_ARCHITECTURE = dict(stem_widths=(32, 32, 64), contract_dilation=True,
-                          dilate_basic_conv2=False, ppm_align_corners=False, align_corners=False)
+# The switches that turn semseg's PSPNet into mmsegmentation's (the config variant arch=mmseg);
+# make_twins takes deep_stem and use_ppm by name, and their semseg defaults are mmseg's too.
+MMSEG_ARCHITECTURE = {key: value for key, value in models.MMSEG_ARCHITECTURE.items()
+                      if key not in ('deep_stem', 'use_ppm')}
 
 
 def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_ppm=True,
