@@ -1,9 +1,15 @@
 """Config checks: every command validates at start, so a bad value fails by name before any
 work; a resumed run compares its config with the one it was started with (`resume_changes`)."""
 
+import importlib.util
 import json
+import os
+
+import ml_collections
+from etils import epath
 
 from pspnet_jax.data.transforms import BATCH_DTYPES, RECIPES
+from pspnet_jax.errors import UserError
 from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.losses import LOSS_NORMALIZERS
 from pspnet_jax.models import DTYPES
@@ -13,13 +19,36 @@ from pspnet_jax.optim import LR_SCALINGS
 from pspnet_jax.weights import PRETRAINED_FORMATS
 
 
+# configs/ beside pspnet_jax/: config files given relative to the repository resolve from any
+# directory.
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of `spec` for use from Python: 'FILE.py[:VARIANT]' as --config takes it (FILE
+  relative to the current directory or to this repository, e.g. 'configs/ade20k.py:arch=mmseg'),
+  or a run's 'WORKDIR/config.json' (the config a training run started with)."""
+  if spec.endswith('.json'):
+    return ml_collections.ConfigDict(json.loads(epath.Path(spec).read_text()))
+  path, _, variant = spec.partition(':')
+  if not os.path.isfile(path) and os.path.isfile(os.path.join(_REPOSITORY, path)):
+    path = os.path.join(_REPOSITORY, path)
+  if not os.path.isfile(path):
+    raise UserError(f'no config file {path} (relative to the current directory or to '
+                    f'{_REPOSITORY})')
+  module_spec = importlib.util.spec_from_file_location('_pspnet_jax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
 def _require(condition: bool, key: str, value, expectation: str) -> None:
   if not condition:
-    raise ValueError(f'config.{key}={value!r}: {expectation}')
+    raise UserError(f'config.{key}={value!r}: {expectation}')
 
 
 def validate(config) -> None:
-  """Raises ValueError naming the first key whose value cannot work."""
+  """Raises UserError (a ValueError) naming the first key whose value cannot work."""
   data, model = config.data, config.model
   _require(isinstance(data.num_classes, int) and data.num_classes >= 1, 'data.num_classes',
            data.num_classes, 'must be a positive integer')
@@ -137,14 +166,14 @@ def flatten_config(tree: dict, prefix: str = '') -> dict:
 def resume_changes(saved: dict, config, allowed=()) -> list[str]:
   """The config's changes from `saved` (a checkpoint's config, as JSON) as 'key: old -> new'.
 
-  Keys of RESUME_FREE_KEYS are not compared. Raises ValueError naming every
+  Keys of RESUME_FREE_KEYS are not compared. Raises UserError naming every
   other changed key that `allowed` does not name, with the flag that allows
   them; returns the allowed changes, for the log.
   """
   current = flatten_config(json.loads(config.to_json()))
   unknown = sorted(set(allowed) - current.keys())
   if unknown:
-    raise ValueError(f'--allow_config_change names keys the config does not have: {unknown}')
+    raise UserError(f'--allow_config_change names keys the config does not have: {unknown}')
   saved = {**ADDED_KEYS, **flatten_config(saved)}
   absent = '<absent>'
   changed = sorted(key for key in saved.keys() | current.keys()
@@ -153,7 +182,7 @@ def resume_changes(saved: dict, config, allowed=()) -> list[str]:
   refused = [key for key in changed if key not in allowed]
   describe = lambda key: f'{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}'
   if refused:
-    raise ValueError(
+    raise UserError(
         'the config differs from the one the run was started with in keys that change what it '
         f'computes: {"; ".join(describe(key) for key in refused)}. Resume with the original '
         'values, start a new --workdir, or, if the change is intended (a longer schedule), '

@@ -62,6 +62,7 @@ import math
 from typing import Callable, Iterable, Iterator
 
 import cv2
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from pspnet_jax import sharding
+from pspnet_jax.errors import UserError
 from pspnet_jax.data import transforms
 from pspnet_jax.models import layers
 
@@ -543,6 +545,24 @@ class Predictor:
     return cls(graphdef, variables, protocol or Protocol.from_config(config),
                mean=config.data.mean, std=config.data.std,
                batch_size=batch_size or config.eval.batch_size, mesh=mesh)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, config=None, *, step: int | None = None,
+                   **options) -> 'Predictor':
+    """A Predictor of checkpoint `step` (default: the latest) of `workdir`, with its config:
+    `config`, or else the `config.json` a training run writes there (an imported checkpoint
+    has none: pass `configuration.load_config('configs/....py')`). `options`: `from_model`'s."""
+    # Imported here: checkpoint imports orbax, which inference's other users do not need.
+    from pspnet_jax import checkpoint, configuration  # pylint: disable=import-outside-toplevel
+    if config is None:
+      saved = epath.Path(workdir) / 'config.json'
+      if not saved.exists():
+        raise UserError(f'{workdir} has no config.json (not a training run: an imported '
+                        "checkpoint?); pass config=configuration.load_config('configs/FILE.py')")
+      config = configuration.load_config(str(saved))
+    configuration.validate(config)
+    loaded = checkpoint.load_model(config, workdir, step)
+    return cls.from_model(loaded.model, config, **options)
 
   def _run(self, windows: np.ndarray) -> np.ndarray:
     """This process's windows through the sharded step; its rows of the result back."""
