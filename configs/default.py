@@ -8,7 +8,7 @@ be overridden on the command line: `--config.model.backbone=resnet101`.
 
 import ml_collections
 
-from pspnet_jax import models
+from pspnet_jax import architectures
 from pspnet_jax.data import labels, registry
 
 BACKBONE_DEPTHS = (18, 34, 50, 101, 152)
@@ -294,7 +294,7 @@ def _mmseg_preset(config: ml_collections.ConfigDict, name: str, crop: str | None
     raise ValueError(f'arch=mmseg,crop={crop}: {name} has the mmseg crops {known}')
   model = config.model
   # ResNetV1c (deep stem 32-32-64, contract_dilation), align_corners=False everywhere.
-  for key, value in models.MMSEG_ARCHITECTURE.items():
+  for key, value in architectures.MMSEG_ARCHITECTURE.items():
     model[key] = value
   model.loss_normalizer = 'all'
   model.pretrained_format = 'mmseg-resnet'

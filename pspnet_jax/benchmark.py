@@ -64,11 +64,10 @@ Every row also says how busy the machine was (`load_average_before`, `_after`).
 import json
 import os
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pspnet_jax.benchmarks import compile_plan, deploy_speed, eval_speed, input_speed, model_speed
+from pspnet_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'forward',
@@ -95,22 +94,32 @@ _TOPOLOGY = flags.DEFINE_string('topology', None, 'compile: the TPU slice to com
                                 '<chip>:<shape> as v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.')
 _PLAN_EVAL = flags.DEFINE_bool('plan_eval', True, 'compile: also compile the eval step.')
 
-# --what -> the measurement, called as fn(config, batch_size, steps).
-_MODES = {
-    'forward': lambda *args: model_speed.measure_forward(*args, torch_reference=_TORCH.value),
-    'train': lambda *args: model_speed.measure_train(*args, torch_reference=_TORCH.value),
-    'input': lambda *args: input_speed.measure_input(
-        *args, fake_ade20k=_FAKE_ADE.value, semseg_reference=_SEMSEG_REFERENCE.value),
-    'eval': lambda config, batch_size, steps: eval_speed.measure_eval(
-        config, batch_size, _NUM_IMAGES.value, semseg_reference=_SEMSEG_REFERENCE.value),
-    'compile': lambda config, batch_size, steps: compile_plan.plan(
-        config, _TOPOLOGY.value, batch_size, eval_step=_PLAN_EVAL.value),
-    'deploy': deploy_speed.measure_deploy,
-}
+
+def _measure(what: str, config, batch_size: int, steps: int) -> dict:
+  """The measurement of --what. Imported here so that --help and flag or config errors do not
+  pay for importing JAX, TF and torch."""
+  # pylint: disable=import-outside-toplevel
+  from pspnet_jax.benchmarks import (compile_plan, deploy_speed, eval_speed, input_speed,
+                                     model_speed)
+  # pylint: enable=import-outside-toplevel
+  if what == 'forward':
+    return model_speed.measure_forward(config, batch_size, steps, torch_reference=_TORCH.value)
+  if what == 'train':
+    return model_speed.measure_train(config, batch_size, steps, torch_reference=_TORCH.value)
+  if what == 'input':
+    return input_speed.measure_input(config, batch_size, steps, fake_ade20k=_FAKE_ADE.value,
+                                     semseg_reference=_SEMSEG_REFERENCE.value)
+  if what == 'eval':
+    return eval_speed.measure_eval(config, batch_size, _NUM_IMAGES.value,
+                                   semseg_reference=_SEMSEG_REFERENCE.value)
+  if what == 'compile':
+    return compile_plan.plan(config, _TOPOLOGY.value, batch_size, eval_step=_PLAN_EVAL.value)
+  return deploy_speed.measure_deploy(config, batch_size, steps)
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   if _TORCH.value and _WHAT.value in ('input', 'eval'):
     raise app.UsageError('--torch_reference applies to --what=forward and --what=train '
@@ -119,6 +128,9 @@ def main(argv):
     raise app.UsageError('--semseg_reference needs --fake_ade20k (the files to read)')
   if (_WHAT.value == 'compile') != bool(_TOPOLOGY.value):
     raise app.UsageError('--topology goes with --what=compile, and --what=compile needs it')
+  import jax  # pylint: disable=import-outside-toplevel
+  from pspnet_jax import configuration  # pylint: disable=import-outside-toplevel
+  configuration.validate(config)
   if _WHAT.value == 'compile' and not jax.config.jax_platforms:
     # Planning runs nothing: with libtpu installed, JAX would otherwise look for
     # TPU chips on this host (and warn) before it settles on the CPU.
@@ -135,7 +147,7 @@ def main(argv):
   # 2-core VM its forward ran 30x slower on 2 threads than on 1), so every row
   # says how busy the machine was.
   load = os.getloadavg()[0]
-  result = _MODES[_WHAT.value](config, batch_size, _STEPS.value)
+  result = _measure(_WHAT.value, config, batch_size, _STEPS.value)
   # An eval run takes minutes, long enough for the others' work to come or go.
   print(json.dumps({**result, 'load_average_before': round(load, 2),
                     'load_average_after': round(os.getloadavg()[0], 2)}))
@@ -143,4 +155,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, keep_onednn=True)   # --what=deploy times TensorFlow as users run it

@@ -32,7 +32,6 @@ the rest through etils.epath, as does this module (`pspnet_jax.paths`).
 
 import datetime
 import functools
-import logging as std_logging
 import os
 import re
 from typing import Callable, NamedTuple
@@ -47,7 +46,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from pspnet_jax import paths, sharding
+from pspnet_jax import cli, paths, sharding
+from pspnet_jax.errors import MissingFile, UserError
 from pspnet_jax.models import create_model, dropout_streams
 
 # Key of the eval metric that decides which checkpoint is the best one.
@@ -66,25 +66,10 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written; the previous one is still the latest."""
 
 
-# Orbax warns on every save without metrics once it tracks the best checkpoint; our
-# periodic (non-evaluation) checkpoints have none by design. A failed background write
-# is logged by orbax in several long tracebacks; TrainCheckpointer reports it in one line.
-_EXPECTED_ORBAX_WARNINGS = ('did not provide metrics', 'raised an exception',
-                            'Failed to run', 'Save Finalize thread', 'Checkpointer failed')
-
-
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO lines (dozens per checkpoint); its other warnings and errors show."""
-  if '/orbax/' not in record.pathname:
-    return True
-  if record.levelno < std_logging.WARNING:
-    return False
-  return not any(text in record.getMessage() for text in _EXPECTED_ORBAX_WARNINGS)
-
-
 def quiet_orbax_logs() -> None:
-  """For commands: orbax's routine messages off the console (see _quiet_orbax)."""
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  """Orbax's routine messages off the console (its INFO lines, dozens per checkpoint, and the
+  warnings expected here): `cli.quiet_logs`, which cli.run installs for every command."""
+  cli.quiet_logs()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -217,7 +202,7 @@ def _check_shapes(stored_metadata, expected: dict, where: str) -> None:
   if problems:
     shown = '\n  '.join(problems[:10])
     more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
-    raise ValueError(f'{where} does not match the model of the config '
+    raise UserError(f'{where} does not match the model of the config '
                      f'(check model.backbone, model.use_ppm, data.num_classes):\n  {shown}{more}')
 
 
@@ -239,17 +224,18 @@ def restore_model(workdir: str, abstract_variables: nnx.State, step: int | None 
 
   Returns (variables as nnx.State, step, meta dict).
   """
+  # Checked before orbax's manager, which would create an empty checkpoints/ folder.
+  steps = all_steps(workdir)
+  if not steps:
+    raise MissingFile(
+        f'no checkpoint in {checkpoint_dir(workdir)}: train there first (python -m '
+        f'pspnet_jax.main --workdir={workdir}) or import weights (python -m '
+        f'pspnet_jax.convert --workdir={workdir} --import_path=...)')
+  if step is not None and step not in steps:
+    raise MissingFile(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
+                      f'there are {steps}')
   with _manager(workdir) as manager:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(
-            f'no checkpoint in {checkpoint_dir(workdir)}: train there first (python -m '
-            f'pspnet_jax.main --workdir={workdir}) or import weights (python -m '
-            f'pspnet_jax.convert --workdir={workdir} --import_path=...)')
-    elif step not in manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
-                              f'there are {list(manager.all_steps())}')
+    step = manager.latest_step() if step is None else step
     where = f'checkpoint {os.path.join(checkpoint_dir(workdir), str(step))}'
     meta = _restore_item(manager, step, where, 'meta', ocp.args.JsonRestore())
     variables = _restore_model_item(manager, step, where, abstract_variables,

@@ -25,12 +25,18 @@ deployable formats (`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write th
 forward, input `images` float32 NHWC normalized RGB, output `logits` float32
 NHWC at the input size, at a fixed H x W (`--export_size`, default the
 config's crop; jax: any 8k+1 size unless given).
+
+Without `--format`, the file's extension says it (.pth: semseg, .safetensors,
+.onnx, .tflite, .jax; no extension: a SavedModel directory); a `--format`
+that the extension contradicts is refused. Mistakes (a missing file, a
+workdir without checkpoints, a format that does not fit) are one line and exit
+status 2, and a failed import leaves no empty folders behind.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import configuration, deploy, weights
+from pspnet_jax import cli, configuration, deploy, weights
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
                                           lock_config=True)
@@ -38,8 +44,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoints
 _IMPORT = flags.DEFINE_string('import_path', None, 'Weights file to import as checkpoint 0.')
 _EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint to.')
 _EXPORT_FORMATS = (*weights.EXPORT_FORMATS, *deploy.EXPORT_FORMATS)
-_FORMAT = flags.DEFINE_string('format', 'semseg', f'import: {weights.IMPORT_FORMATS}; export: '
-                              f'{_EXPORT_FORMATS}.')
+_FORMAT = flags.DEFINE_string('format', None, f'import: {weights.IMPORT_FORMATS}; export: '
+                              f'{_EXPORT_FORMATS}. Default: from the extension (.pth: semseg).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
 _EXPORT_SIZE = flags.DEFINE_string('export_size', None, f'Deployable exports '
                                    f'{deploy.EXPORT_FORMATS}: H or H,W of the input, 8k+1 each '
@@ -78,18 +84,25 @@ def main(argv):
   configuration.validate(config)
   if bool(_IMPORT.value) == bool(_EXPORT.value):
     raise app.UsageError('give exactly one of --import_path and --export_path')
+  fmt = weights.file_format(_IMPORT.value or _EXPORT.value, _FORMAT.value)
+  with cli.no_empty_leftovers(_WORKDIR.value):
+    convert(config, fmt)
+
+
+def convert(config, fmt: str) -> None:
+  """The import or the export the flags ask for, in format `fmt`."""
   if _IMPORT.value:
-    if _FORMAT.value not in weights.IMPORT_FORMATS:
-      raise app.UsageError(f'--format={_FORMAT.value} cannot be imported; use one of '
+    if fmt not in weights.IMPORT_FORMATS:
+      raise app.UsageError(f'--format={fmt} cannot be imported; use one of '
                            f'{weights.IMPORT_FORMATS}')
-    where = weights.import_weights(config, _WORKDIR.value, _IMPORT.value, _FORMAT.value)
-    logging.info('imported %s (%s) as %s', _IMPORT.value, _FORMAT.value, where)
+    where = weights.import_weights(config, _WORKDIR.value, _IMPORT.value, fmt)
+    logging.info('imported %s (%s) as %s', _IMPORT.value, fmt, where)
   else:
-    if _FORMAT.value not in _EXPORT_FORMATS:
-      raise app.UsageError(f'--format={_FORMAT.value} cannot be exported; use one of '
+    if fmt not in _EXPORT_FORMATS:
+      raise app.UsageError(f'--format={fmt} cannot be exported; use one of '
                            f'{_EXPORT_FORMATS}')
-    if _FORMAT.value in deploy.EXPORT_FORMATS:
-      step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
+    if fmt in deploy.EXPORT_FORMATS:
+      step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, fmt,
                                  _STEP.value, size=_export_size(),
                                  float16_weights=_FLOAT16_WEIGHTS.value,
                                  uint8_input=_UINT8_INPUT.value, class_map=_CLASS_MAP.value,
@@ -100,13 +113,12 @@ def main(argv):
                                       _CHANNELS_FIRST) if flag.present]
       if given:
         raise app.UsageError(f'--{given[0]} applies to {deploy.EXPORT_FORMATS}, not '
-                             f'--format={_FORMAT.value}')
-      step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, _FORMAT.value,
+                             f'--format={fmt}')
+      step = weights.export_weights(config, _WORKDIR.value, _EXPORT.value, fmt,
                                     _STEP.value, overwrite=_OVERWRITE.value)
-    logging.info('exported step %d of %s to %s (%s)', step, _WORKDIR.value, _EXPORT.value,
-                 _FORMAT.value)
+    logging.info('exported step %d of %s to %s (%s)', step, _WORKDIR.value, _EXPORT.value, fmt)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

@@ -9,3 +9,12 @@ is a bug and keeps its traceback.
 
 class UserError(ValueError):
   """A mistake in the user's input, with the fix in its message."""
+
+
+class AlreadyExists(UserError, FileExistsError):
+  """A file or folder the command would replace is there (and no --overwrite was given)."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+  """A file, folder or prepared dataset the user named is not there (also a
+  FileNotFoundError, for callers that catch that)."""

@@ -15,11 +15,12 @@ share of the images.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import distributed_flags
+from pspnet_jax import cli, distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoint is evaluated.')
@@ -44,13 +45,17 @@ def main(argv):
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
-  checkpoint.quiet_orbax_logs()
   distributed_flags.initialize()
   config = _CONFIG.value
   configuration.validate(config)
+  cli.check_batch_sizes(config, 'eval.batch_size')
   protocol = inference.Protocol.from_config(config)
   split = _SPLIT.value or config.data.eval_split
-  loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
+  try:
+    loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
+  except checkpoint.DamagedCheckpoint as error:   # a fault of the workdir, named in one line
+    logging.error('%s', error)
+    sys.exit(1)
   logging.info('evaluating step %d of %s on %s: %s', loaded.step, _WORKDIR.value, split,
                protocol.settings())
   predictor = inference.Predictor.from_model(loaded.model, config, protocol=protocol)
@@ -91,4 +96,4 @@ class _PredictionSaver:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main)

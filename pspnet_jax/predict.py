@@ -24,7 +24,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import distributed_flags
+from pspnet_jax import cli, distributed_flags
+from pspnet_jax.errors import MissingFile, UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoint predicts.')
@@ -46,22 +47,29 @@ def main(argv):
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
-  checkpoint.quiet_orbax_logs()
   distributed_flags.initialize()
   config = _CONFIG.value
+  configuration.validate(config)
+  cli.check_batch_sizes(config, 'eval.batch_size')
+  protocol = inference.Protocol.from_config(config)
+  class_names, palette = registry.class_names(config), registry.palette(config)
   try:
-    configuration.validate(config)
-    protocol = inference.Protocol.from_config(config)
-    class_names, palette = registry.class_names(config), registry.palette(config)
     inputs = predictions.find_inputs(_INPUT.value, exclude=_OUTPUT.value)
+  except FileNotFoundError as error:
+    raise MissingFile(str(error)) from error
+  except ValueError as error:   # two inputs that would write outputs of one name
+    raise UserError(str(error)) from error
+  try:
     loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
-    run = predictions.describe_run(config, _WORKDIR.value, loaded.step, protocol,
-                                   config_flags.get_config_filename(flags.FLAGS['config']))
-    predictions.claim_output(_OUTPUT.value, run, overwrite=_OVERWRITE.value)
-  except (ValueError, FileNotFoundError, predictions.OutputInUse) as error:
-    # A bad config, input, checkpoint or output folder: one line that names it.
+  except checkpoint.DamagedCheckpoint as error:   # a fault of the workdir, named in one line
     logging.error('%s', error)
     sys.exit(1)
+  run = predictions.describe_run(config, _WORKDIR.value, loaded.step, protocol,
+                                 config_flags.get_config_filename(flags.FLAGS['config']))
+  try:
+    predictions.claim_output(_OUTPUT.value, run, overwrite=_OVERWRITE.value)
+  except predictions.OutputInUse as error:
+    raise UserError(str(error)) from error
   logging.info('step %d of %s, protocol %s: %d images over %d processes', loaded.step,
                _WORKDIR.value, protocol.settings(), len(inputs), jax.process_count())
   predictor = inference.Predictor.from_model(loaded.model, config, protocol=protocol)
@@ -77,4 +85,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir', 'input', 'output'])
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,14 @@ A step whose loss or gradient is not finite is skipped as a whole (parameters,
 optimizer state and BatchNorm statistics keep their old values, the learning
 rate schedule does not advance) and counted; `train.max_nonfinite_steps`
 consecutive skips stop the run, leaving the last checkpoint as it was.
+
+The console gets a progress line after the first step of each start and every
+train.log_every steps (`step 150/8000  loss 1.2345  21.3 img/s  ETA 1h02m`),
+one line per periodic evaluation and a summary at the end. A restart of a run
+that has finished (its last checkpoint at train.num_steps, evaluated) says so
+and returns without compiling or writing anything; only an evaluation that is
+missing (the check of the last step, or eval.at_end_of_training's protocol)
+still runs.
 """
 
 import datetime
@@ -29,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 from etils import epath
 from flax import nnx
 
 from pspnet_jax import (checkpoint, configuration, evaluation, inference, losses, optim,
                         run_lock, sharding, train_state, writers)
 from pspnet_jax.data import pipeline, registry, transforms
+from pspnet_jax.errors import UserError
 from pspnet_jax.stop_request import StopRequest
 from pspnet_jax.train_state import TrainState
 
@@ -43,6 +51,8 @@ from pspnet_jax.train_state import TrainState
 CONFIG_HISTORY_DIR = 'config_history'
 # Global batches on their way to the devices while a step runs (beyond the one it takes).
 PREFETCH_TO_DEVICES = 2
+# The progress line names the time spent waiting for batches from this share on.
+DATA_WAIT_NOTED = 0.2
 
 
 def num_train_steps(config, num_examples: int) -> int:
@@ -51,7 +61,7 @@ def num_train_steps(config, num_examples: int) -> int:
     return config.train.num_steps
   steps_per_epoch = num_examples // config.train.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+    raise UserError(f'config.train.batch_size={config.train.batch_size} is larger than the '
                      f'{num_examples} training examples')
   return config.train.num_epochs * steps_per_epoch
 
@@ -60,7 +70,7 @@ def validate(config) -> None:
   """The config checks plus what only training needs."""
   configuration.validate(config)
   if config.model.zoom_factor != 8:
-    raise ValueError(f'config.model.zoom_factor={config.model.zoom_factor!r}: training compares '
+    raise UserError(f'config.model.zoom_factor={config.model.zoom_factor!r}: training compares '
                      f'logits with labels at the input size, which needs 8')
 
 
@@ -238,7 +248,113 @@ def _record_config(config, workdir: str, step: int) -> None:
     path.write_text(text, encoding='utf-8')
 
 
+def _duration(seconds: float) -> str:
+  """'1h02m', '3m07s', '12s': a time to read at a glance."""
+  seconds = max(0, round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m'
+  return f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
+
+
+def progress_line(step: int, num_steps: int, loss: float | None, images_per_sec: float,
+                  seconds_per_step: float, data_wait_fraction: float = 0.0) -> str:
+  """'step  150/8000  loss 1.2345  21.3 img/s  ETA 1h02m': the console's line for a logged step.
+
+  `loss`: the mean over the finite steps since the last line (None: none was finite).
+  The ETA counts training steps at `seconds_per_step`, not the evaluations to come. A large
+  `data_wait_fraction` (the share of the time spent waiting for batches) is named: the
+  input pipeline, not the devices, sets the pace then (more data.worker_count).
+  """
+  width = len(str(num_steps))
+  loss_text = 'non-finite' if loss is None else f'{loss:.4f}'
+  line = (f'step {step:>{width}d}/{num_steps}  loss {loss_text}  {images_per_sec:.1f} img/s  '
+          f'ETA {_duration((num_steps - step) * seconds_per_step)}')
+  if data_wait_fraction >= DATA_WAIT_NOTED:
+    line += f'  (waiting for data {data_wait_fraction:.0%} of the time)'
+  return line
+
+
+def _metrics_text(results: dict) -> str:
+  return '  '.join(f'{key} {results[key]:.4f}' for key in ('mIoU', 'mAcc', 'allAcc')
+                   if results.get(key) is not None)
+
+
+def _summary(config, workdir: str, step: int, last: dict | None, checkpointer,
+             started: float) -> str:
+  """The end-of-run lines: evaluations of the last step, the best checkpoint, where things
+  are, the time this start took."""
+  lines = []
+  if last:
+    lines.append(f'  evaluation at step {step} ({config.data.eval_split}): {_metrics_text(last)}')
+  protocol = inference.Protocol.from_config(config)
+  protocol_path = evaluation.results_path(workdir, config.data.eval_split, step, protocol.name)
+  if epath.Path(protocol_path).exists():
+    recorded = json.loads(epath.Path(protocol_path).read_text(encoding='utf-8'))
+    lines.append(f'  {protocol.name} protocol at step {step}: {_metrics_text(recorded)} '
+                 f'({protocol_path})')
+  best = checkpointer.best_step()
+  if best is not None:
+    score = (checkpointer.metrics(best) or {}).get(checkpoint.BEST_METRIC)
+    lines.append(f'  best checkpoint: step {best}' +
+                 ('' if score is None else f', mIoU {score:.4f}'))
+  lines.append(f'  checkpoints: {checkpoint.checkpoint_dir(workdir)} (latest: step '
+               f'{checkpointer.latest_step()})')
+  lines.append(f'  metrics: {epath.Path(workdir) / writers.METRICS_FILE}; TensorBoard: '
+               f'tensorboard --logdir={workdir}')
+  if (epath.Path(workdir) / 'eval').is_dir():
+    lines.append(f'  evaluation files: {epath.Path(workdir) / "eval"}')
+  lines.append(f'  time: {_duration(time.perf_counter() - started)} (this start)')
+  return '\n'.join(lines)
+
+
+def _complete_finished_run(config, workdir: str, mesh, eval_graphdef, state: TrainState, names,
+                           checkpointer, num_steps: int, started: float) -> dict:
+  """A start with nothing left to train: runs only the evaluations not recorded yet.
+
+  The check of the last step counts as recorded with its metrics.jsonl row or
+  the metric saved with its checkpoint; eval.at_end_of_training's protocol
+  with its results file. When nothing is missing, nothing is compiled or
+  written (no event file, no rows, no config record). Returns the last
+  step's evaluation metrics (mIoU, mAcc, allAcc as far as recorded).
+  """
+  step = int(state.step)
+  row = writers.eval_row(workdir, step)
+  last = None if row is None else {key: row.get(f'eval/{key}') for key in ('mIoU', 'mAcc',
+                                                                            'allAcc')}
+  saved = (checkpointer.metrics(step) or {}).get(checkpoint.BEST_METRIC)
+  if last is None and saved is not None:
+    last = {'mIoU': saved}
+  protocol = inference.Protocol.from_config(config)
+  needs_protocol = config.eval.at_end_of_training and not epath.Path(evaluation.results_path(
+      workdir, config.data.eval_split, step, protocol.name)).exists()
+  if last is None or needs_protocol:
+    missing = ' and '.join(([f'the evaluation of step {step}'] if last is None else []) +
+                           ([f'the {protocol.name} protocol'] if needs_protocol else []))
+    logging.info('training reached step %d of %d before; running %s, which is not recorded',
+                 step, num_steps, missing)
+    writer = writers.create_writer(workdir)
+    try:
+      if last is None:
+        eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
+        last = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        writers.write_eval(writer, step, last, names, table=True)
+      if needs_protocol:
+        _final_evaluation(config, workdir, mesh, eval_graphdef, state, writer, names)
+    finally:
+      writer.close()
+    header = f'run complete: step {step} of {num_steps}'
+  else:
+    header = (f'run already complete: step {step} of {num_steps} was trained and evaluated '
+              f'before; nothing to do (to train longer: --config.train.num_steps=N '
+              f'--allow_config_change=train.num_steps)')
+  logging.info('%s\n%s', header, _summary(config, workdir, step, last, checkpointer, started))
+  return last
+
+
 def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_changes) -> dict:
+  started = time.perf_counter()
   mesh = sharding.make_mesh()
   local_rows = sharding.local_batch_size(config.train.batch_size, mesh)
   sharding.local_batch_size(config.eval.batch_size, mesh)
@@ -256,7 +372,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
     try:
       changes = configuration.resume_changes(meta['config'], config, allowed_config_changes)
     except ValueError as error:
-      raise ValueError(f'{where}: {error}') from None
+      raise UserError(f'{where}: {error}') from None
     if changes:
       logging.warning('resuming %s with config changes: %s', where, '; '.join(changes))
     if meta.get('num_train_examples') != num_examples:
@@ -282,6 +398,15 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       logging.info('best checkpoint so far: step %d (%s %.4f)', best, checkpoint.BEST_METRIC,
                    checkpointer.metrics(best)[checkpoint.BEST_METRIC])
 
+  if int(state.step) >= num_steps:
+    # Nothing left to train: a restart of a finished run (or of one whose schedule a config
+    # change shortened).
+    try:
+      return _complete_finished_run(config, workdir, mesh, eval_graphdef, state, names,
+                                    checkpointer, num_steps, started)
+    finally:
+      checkpointer.close()
+
   _record_config(config, workdir, int(state.step))
   if jax.process_index() == 0:
     writers.drop_rows_after(workdir, int(state.step))
@@ -296,9 +421,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
 
   writer = writers.create_writer(workdir)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps,
-                                                    every_steps=config.train.log_every)
   step = int(state.step)
+  first_step = step + 1  # of this start: its progress line comes as soon as it is done
   window = []          # host metrics of the steps since the last log
   consecutive_nonfinite = 0
   window_start = time.perf_counter()
@@ -360,8 +484,14 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       checkpointer.check_for_errors()
       if pending is not None:
         account(*pending)
+        if pending[0] == first_step:
+          # The first step of this start (its line is not a logged step's).
+          first = window[-1]
+          elapsed = time.perf_counter() - window_start
+          logging.info('%s', progress_line(
+              first_step, num_steps, float(first['loss']) if first['finite'] else None,
+              config.train.batch_size / elapsed, elapsed))
       pending = (step, step_metrics)
-      report_progress(step)
       stopping = stop.requested or checkpointer.reached_preemption(step)
       if step % config.train.log_every == 0 or step == num_steps or stopping:
         account(*pending)
@@ -378,6 +508,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
                     'train/data_wait_fraction': data_wait / elapsed,
                     'train/nonfinite_steps': nonfinite_total})
         writer.write_scalars(step, row)
+        logging.info('%s', progress_line(step, num_steps, row.get('train/loss'),
+                                         row['train/images_per_sec'], elapsed / len(window),
+                                         row['train/data_wait_fraction']))
         window = []
         window_start = time.perf_counter()
         data_wait = 0.0
@@ -389,18 +522,17 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       eval_now = step == num_steps or (config.train.eval_every > 0 and
                                        step % config.train.eval_every == 0)
       if eval_now:
-        with report_progress.timed('eval'):
-          results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
         writers.write_eval(writer, step, results, names, table=step == num_steps)
         save(step, {checkpoint.BEST_METRIC: results['mIoU']})
       elif step % config.train.checkpoint_every == 0:
         save(step)
     else:
-      if not results:   # nothing left to train: the run had finished before
-        results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
-        writers.write_eval(writer, step, results, names, table=True)
       if config.eval.at_end_of_training:
         _final_evaluation(config, workdir, mesh, eval_graphdef, state, writer, names)
+      checkpointer.wait_until_finished()
+      logging.info('run complete: step %d of %d\n%s', step, num_steps,
+                   _summary(config, workdir, step, results, checkpointer, started))
   finally:
     data_iterator.close()
     checkpointer.close()

@@ -58,7 +58,9 @@ from etils import epath
 from flax import nnx
 
 from pspnet_jax import checkpoint, paths, sharding
-from pspnet_jax.models import MMSEG_ARCHITECTURE, create_model
+from pspnet_jax.architectures import MMSEG_ARCHITECTURE
+from pspnet_jax.errors import AlreadyExists, MissingFile, UserError
+from pspnet_jax.models import create_model
 
 # Module renames, applied in order to the dotted Flax path of a variable.
 _DOWNSAMPLE = [(r'\.downsample\.conv\.', '.downsample.0.'), (r'\.downsample\.bn\.', '.downsample.1.')]
@@ -165,12 +167,12 @@ def _mmseg_order(key: str) -> tuple:
     elif part in _MMSEG_ORDER:
       order.append((1, _MMSEG_ORDER[part]))
     else:
-      raise ValueError(f'{key}: {part!r} is no module of mmseg\'s PSPNet')
+      raise UserError(f'{key}: {part!r} is no module of mmseg\'s PSPNet')
   return tuple(order)
 
 
 def check_mmseg_architecture(config, what: str) -> None:
-  """Raises ValueError naming the config keys that are not mmseg's PSPNet (the variant
+  """Raises UserError naming the config keys that are not mmseg's PSPNet (the variant
   arch=mmseg), which `what` (an mmseg checkpoint's import or export) needs."""
   wrong = []
   for key, expected in MMSEG_ARCHITECTURE.items():
@@ -181,7 +183,7 @@ def check_mmseg_architecture(config, what: str) -> None:
       wrong.append(f'model.{key}={value!r}')
   if wrong:
     preset = ', '.join(f'model.{key}={value!r}' for key, value in MMSEG_ARCHITECTURE.items())
-    raise ValueError(f'{what} needs mmsegmentation\'s PSPNet, but the config has '
+    raise UserError(f'{what} needs mmsegmentation\'s PSPNet, but the config has '
                      f'{", ".join(wrong)}: use the config variant arch=mmseg (e.g. '
                      f'--config=configs/ade20k.py:arch=mmseg), which sets {preset}')
 
@@ -242,7 +244,7 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
   `renames`: the file's name table (default: semseg's, or with `backbone_only`
   the top-level stem of semseg's and torchvision's ResNets). Missing,
   unexpected and wrongly shaped tensors are all reported by the file's names
-  in one ValueError.
+  in one UserError.
   """
   renames = renames or (_RESNET_RENAMES if backbone_only else _SEMSEG_RENAMES)
   used, problems = set(), []
@@ -284,7 +286,7 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
                 and not key.endswith(_BATCHES_TRACKED) and not key.startswith(ignored_prefixes)]
   problems += [f'{key}: unexpected (the model has no such parameter)' for key in sorted(unexpected)]
   if problems:
-    raise ValueError(_format_problems(f'{source} do not fit the model of the config '
+    raise UserError(_format_problems(f'{source} do not fit the model of the config '
                                       '(check model.backbone, model.deep_stem, '
                                       'model.stem_widths, model.use_ppm, model.head_channels, '
                                       'model.aux_channels, data.num_classes and --format)',
@@ -326,7 +328,7 @@ def _torch_file_diagnosis(path: str) -> str | None:
 
 
 def _unreadable(path: str, what: str, error: Exception, diagnosis: str | None = None
-                ) -> ValueError:
+                ) -> UserError:
   """The error for a file a reader refused: the path, its size and a reason that is never empty
   (torch.load of an empty file raises an EOFError without a message)."""
   size = epath.Path(path).stat().length
@@ -336,7 +338,7 @@ def _unreadable(path: str, what: str, error: Exception, diagnosis: str | None = 
     reason = diagnosis
   else:
     reason = f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
-  return ValueError(f'{path} is not a readable {what} ({size} bytes): {reason}')
+  return UserError(f'{path} is not a readable {what} ({size} bytes): {reason}')
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -350,7 +352,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   tensors = {}
   for key, entry in entries:
     if entry['dtype'] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f'{path}: tensor {key!r} has dtype {entry["dtype"]}, which this reader '
+      raise UserError(f'{path}: tensor {key!r} has dtype {entry["dtype"]}, which this reader '
                        f'does not take ({sorted(_SAFETENSORS_DTYPES)})')
     dtype = _SAFETENSORS_DTYPES[entry['dtype']]
     tensors[key] = np.frombuffer(entry['data'], dtype).reshape(entry['shape'])
@@ -441,11 +443,11 @@ def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict]:
       extras['mmseg_meta'] = _plain_meta(loaded['meta'], path)
     loaded = loaded['state_dict']
   if not isinstance(loaded, dict):
-    raise ValueError(f'{path} holds a {type(loaded).__name__}, not a state_dict')
+    raise UserError(f'{path} holds a {type(loaded).__name__}, not a state_dict')
   tensors = {}
   for key, value in loaded.items():
     if not isinstance(value, torch.Tensor):
-      raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor')
+      raise UserError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor')
     value = value.detach().cpu()
     if value.dtype == torch.bfloat16:
       # numpy has no bfloat16: the same bits as jax's, cast to float32 with the others later.
@@ -454,7 +456,7 @@ def _read_torch(path: str) -> tuple[dict[str, np.ndarray], dict]:
     try:
       tensors[key] = value.numpy()
     except TypeError as error:  # float8 and other dtypes numpy cannot hold
-      raise ValueError(f'{path}: entry {key!r} has dtype {value.dtype}: {error}') from error
+      raise UserError(f'{path}: entry {key!r} has dtype {value.dtype}: {error}') from error
   return tensors, extras
 
 
@@ -465,10 +467,10 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   extras holds the official checkpoint's `epoch` and the plain-data entries of
   an mmseg checkpoint's `meta` (`mmseg_meta`) when present. Tensors keep
   the file's dtype (bfloat16 as jax's); a file that cannot be read raises a
-  ValueError that names it and says why.
+  UserError that names it and says why.
   """
   if not epath.Path(path).is_file():
-    raise FileNotFoundError(f'no weights file at {path}')
+    raise MissingFile(f'no weights file at {path}')
   if path.endswith('.safetensors'):
     raw, extras = _read_safetensors(path), {}
   else:
@@ -477,11 +479,40 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
   return tensors, extras
 
 
+# Formats by file extension: the one a path without --format means, and those it fits (the
+# deployable ones are pspnet_jax.deploy's). A SavedModel is a directory (no extension); an
+# extension not listed here is not checked.
+_EXTENSION_FORMATS = {
+    '.pth': ('semseg', 'semseg', 'mmseg', *PRETRAINED_FORMATS),
+    '.pt': ('semseg', 'semseg', 'mmseg', *PRETRAINED_FORMATS),
+    '.safetensors': ('safetensors', 'safetensors', *PRETRAINED_FORMATS),
+    '.onnx': ('onnx', 'onnx'), '.tflite': ('tflite', 'tflite'), '.jax': ('jax', 'jax'),
+    '': ('savedmodel', 'savedmodel'),
+}
+
+
+def file_format(path: str, given: str | None) -> str:
+  """The format of `path` for convert: `given`, checked against the extension, or the
+  extension's."""
+  extension = os.path.splitext(path.rstrip('/'))[1].lower()
+  default, *fitting = _EXTENSION_FORMATS.get(extension, (None,))
+  if given is None:
+    if default is None:
+      raise UserError(f'{path}: no format for the extension {extension!r}; give --format')
+    return default
+  known = {fmt for formats in _EXTENSION_FORMATS.values() for fmt in formats}
+  # An unknown name is left to the caller, which lists the formats it takes.
+  if fitting and given in known and given not in fitting:
+    raise UserError(f'--format={given} does not fit {path} ({extension or "no extension"} is '
+                    f'{", ".join(dict.fromkeys(fitting))}); fix the name or the format')
+  return given
+
+
 def refuse_existing(path: str, overwrite: bool) -> None:
   # lexists: a dangling symlink is a name taken too.
   exists = epath.Path(path).exists() if paths.is_remote(path) else os.path.lexists(path)
   if not overwrite and exists:
-    raise FileExistsError(f'{path} already exists; give --overwrite (overwrite=True) to '
+    raise AlreadyExists(f'{path} already exists; give --overwrite (overwrite=True) to '
                           'replace it')
 
 
@@ -564,16 +595,16 @@ def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: 
 
 def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths) -> None:
   if fmt not in PRETRAINED_FORMATS:
-    raise ValueError(f'{path}: format {fmt!r} is not an ImageNet backbone; use one of '
+    raise UserError(f'{path}: format {fmt!r} is not an ImageNet backbone; use one of '
                      f'{PRETRAINED_FORMATS}')
   wants_deep, wants_widths = _PRETRAINED_STEMS[fmt]
   if deep_stem != wants_deep:
-    raise ValueError(f'{path}: format {fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
+    raise UserError(f'{path}: format {fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
                      f'the model has config.model.deep_stem={deep_stem}')
   if wants_widths is not None and tuple(stem_widths) != wants_widths:
     hint = (' (the config variant arch=mmseg)' if fmt == 'mmseg-resnet' else
             ' (semseg\'s; mmseg-resnet is the 32-32-64 stem of ResNetV1c)')
-    raise ValueError(f'{path}: format {fmt} holds a stem of widths {wants_widths} but the model '
+    raise UserError(f'{path}: format {fmt} holds a stem of widths {wants_widths} but the model '
                      f'has config.model.stem_widths={tuple(stem_widths)}: set '
                      f'model.stem_widths={wants_widths}{hint}')
 
@@ -582,12 +613,12 @@ def _check_layout(tensors: dict, fmt: str, path: str) -> None:
   """Refuses an mmseg checkpoint given as `semseg` (or safetensors) and the other way round."""
   mmseg_keys = [key for key in tensors if key.startswith(_MMSEG_PREFIXES)]
   if fmt == 'mmseg' and not mmseg_keys:
-    raise ValueError(f'{path} is no mmsegmentation checkpoint: none of its keys starts with '
+    raise UserError(f'{path} is no mmsegmentation checkpoint: none of its keys starts with '
                      f'{" / ".join(_MMSEG_PREFIXES)} (it has {sorted(tensors)[:3]} ...); an '
                      'official semseg checkpoint (layer0..., ppm..., cls..., aux...) is '
                      '--format=semseg')
   if fmt != 'mmseg' and mmseg_keys:
-    raise ValueError(f'{path} is an mmsegmentation checkpoint (keys such as {mmseg_keys[0]}): '
+    raise UserError(f'{path} is an mmsegmentation checkpoint (keys such as {mmseg_keys[0]}): '
                      'import it with --format=mmseg and the config variant arch=mmseg')
 
 
@@ -595,7 +626,7 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   """Writes the weights of `path` as checkpoint 0 of `workdir`; returns the checkpoint path."""
   existing = checkpoint.all_steps(workdir)
   if existing:
-    raise FileExistsError(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
+    raise AlreadyExists(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
                           f'{existing}; import into an empty --workdir')
   meta = {'source': paths.absolute(path), 'format': fmt}
 

@@ -1,4 +1,4 @@
-"""Where metrics go: TensorBoard, `WORKDIR/metrics.jsonl` and the console, through clu writers.
+"""Where metrics go: TensorBoard and `WORKDIR/metrics.jsonl`, through clu writers.
 
 `metrics.jsonl` holds one JSON object per logged step (`{"step": 100,
 "train/loss": 1.23, ...}`), the machine-readable record that scripts and
@@ -9,6 +9,10 @@ The workdir may be a `gs://` URI: metrics.jsonl goes through etils.epath and
 TensorBoard's event files through TensorFlow's GCS file system. On an object
 store each flush rewrites the whole object (no appends there), so every row is
 on GCS as soon as it is logged, at a cost that grows with the file.
+
+The console gets no rows: training logs its own progress line (`train`), and
+an evaluation logs one line of mIoU / mAcc / allAcc (`write_eval`) or, at the
+end of a run, the per-class table.
 """
 
 import contextlib
@@ -93,12 +97,30 @@ def drop_rows_after(workdir: str, step: int) -> None:
                  len(lines) - len(kept), step)
 
 
+def eval_row(workdir: str, step: int, prefix: str = 'eval') -> dict | None:
+  """The last metrics.jsonl row of step `step` with `prefix`/mIoU (`write_eval`'s), or None."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return None
+  found = None
+  with path.open(encoding='utf-8') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a torn last line
+        continue
+      if row.get('step') == step and f'{prefix}/mIoU' in row:
+        found = row
+  return found
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard + metrics.jsonl + console on process 0; console only elsewhere."""
+  """TensorBoard + metrics.jsonl on process 0; nothing elsewhere (see the module docstring
+  for the console)."""
   if jax.process_index() > 0:
-    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+    return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
+      metric_writers.SummaryWriter(workdir),
       JsonlWriter(os.path.join(workdir, METRICS_FILE))])
 
 
@@ -120,4 +142,7 @@ def write_eval(writer: metric_writers.MetricWriter, step: int, results: dict,
       row[f'{prefix}/IoU/{name.replace(" ", "_")}'] = iou
   if table:
     log_class_table(f'per-class results ({prefix}) at step {step}', results, class_names)
+  else:
+    logging.info('%s at step %d: mIoU %.4f  mAcc %.4f  allAcc %.4f', prefix, step,
+                 results['mIoU'], results['mAcc'], results['allAcc'])
   writer.write_scalars(step, row)

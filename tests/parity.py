@@ -5,13 +5,13 @@ import numpy as np
 import torch
 from flax import nnx
 
-from pspnet_jax import checkpoint, models, torch_reference, weights
+from pspnet_jax import architectures, checkpoint, torch_reference, weights
 from pspnet_jax.models.pspnet import PSPNet
 
 
 # The switches that turn semseg's PSPNet into mmsegmentation's (the config variant arch=mmseg);
 # make_twins takes deep_stem and use_ppm by name, and their semseg defaults are mmseg's too.
-MMSEG_ARCHITECTURE = {key: value for key, value in models.MMSEG_ARCHITECTURE.items()
+MMSEG_ARCHITECTURE = {key: value for key, value in architectures.MMSEG_ARCHITECTURE.items()
                       if key not in ('deep_stem', 'use_ppm')}
 
 

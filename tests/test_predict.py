@@ -251,8 +251,8 @@ def test_predict_command_end_to_end(tmp_path, model):
   assert [entry['path'] for entry in run_record['skipped']] == [str(tmp_path / 'in' / 'broken.png')]
 
   result = predict(f'--input={tmp_path / "in"}', '--config.eval.protocol=whole')
-  assert result.returncode == 1
+  assert result.returncode == 2   # a user's mistake (cli.EXIT_USER_ERROR), in one line
   assert f'output folder {out} holds predictions of' in result.stderr
   result = predict(f'--input={tmp_path / "nope"}')
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert f'input {tmp_path / "nope"}: no such file or folder' in result.stderr

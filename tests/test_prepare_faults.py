@@ -184,8 +184,8 @@ def test_prepare_refuses_a_changed_source_in_one_line_and_overwrite_rebuilds(bui
   # Relative to the command's working directory: the printed flags must be absolute.
   flags = [f'--manual_dir={os.path.relpath(root, REPO)}', f'--data_dir={data_dir}']
   refused = prepare(*flags)
-  assert refused.returncode == 1 and refused.stdout == ''
-  assert refused.stderr.strip().splitlines()[-1].startswith('prepare: ')
+  assert refused.returncode == 2 and refused.stdout == ''   # cli.EXIT_USER_ERROR
+  assert refused.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'train: 2 files then, 1 now' in refused.stderr and '--overwrite' in refused.stderr
   rebuilt = prepare(*flags, '--overwrite')
   assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]

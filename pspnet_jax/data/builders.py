@@ -55,6 +55,7 @@ import io
 import json
 import os
 
+from absl import logging
 import cv2
 from etils import epath
 import numpy as np
@@ -62,6 +63,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from pspnet_jax import paths
+from pspnet_jax.errors import UserError
 from pspnet_jax.data import labels
 
 REPORT_NAME = 'build_report.json'
@@ -75,7 +77,7 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _LABEL_MODES = ('L', 'P')
 
 
-class BuildError(ValueError):
+class BuildError(UserError):
   """The source tree cannot become the dataset; the message names the file or the rule."""
 
 
@@ -253,6 +255,14 @@ class LocalBuild:
           f'local folders: build it into a local data_dir, copy that folder up (gcloud storage '
           f'cp -r LOCAL_DATA_DIR/{self.name} {root}/), then read it from data.data_dir={root}')
     return super().download_and_prepare(*args, **kwargs)
+
+  # TFDS prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)"
+  # and a "downloaded and prepared" line for every build; ours download nothing.
+  def _log_download_bytes(self) -> None:
+    logging.info('building %s into %s', self.info.full_name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('built %s in %s', self.info.full_name, self.data_dir)
 
 
 class ValidatingBuilder(LocalBuild, tfds.core.GeneratorBasedBuilder, skip_registration=True):

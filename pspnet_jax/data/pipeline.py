@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from pspnet_jax.data import labels, registry, transforms
+from pspnet_jax.errors import MissingFile, UserError
 
 # Batches prepared ahead of the step, each by its own thread (Grain's default of
 # hundreds of elements in flight would be gigabytes of decoded images).
@@ -79,7 +80,7 @@ def load_split(config, split: str):
     data_dir_flag = f' --data_dir={data_dir}' if data_dir else ''
     # A folder dataset is named after its folder; the official ones after their release.
     source = config.data.folder_dir if dataset.name == 'folder' else 'SOURCE_FOLDER'
-    raise FileNotFoundError(
+    raise MissingFile(
         f'dataset {dataset.name!r} (TFDS name {dataset.tfds_name!r}) is not built in data dir '
         f'{data_dir or "the TFDS default (~/tensorflow_datasets)"}; set config.data.data_dir '
         f'to the folder that holds it, or build it with: python -m pspnet_jax.data.prepare '
@@ -129,7 +130,7 @@ def _processes(process_index, process_count):
 
 def _per_process_batch(batch_size: int, process_count: int, key: str) -> int:
   if batch_size < process_count or batch_size % process_count:
-    raise ValueError(f'config.{key}={batch_size} must be a positive multiple of the number of '
+    raise UserError(f'config.{key}={batch_size} must be a positive multiple of the number of '
                      f'processes ({process_count}): each process loads an equal share')
   return batch_size // process_count
 
@@ -145,7 +146,7 @@ class GlobalOrder:
 
   def __init__(self, num_examples: int, global_batch: int, seed: int):
     if num_examples < global_batch:
-      raise ValueError(f'config.train.batch_size={global_batch} is larger than the '
+      raise UserError(f'config.train.batch_size={global_batch} is larger than the '
                        f'{num_examples} training examples')
     self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
     self.steps_per_epoch = num_examples // global_batch

@@ -8,25 +8,27 @@
   python -m pspnet_jax.data.prepare --dataset=folder --manual_dir=MY_FOLDER [--data_dir=...]
 
 Prints where the dataset went, the build report (also saved as
-build_report.json next to it) and the config flags that train on it. Bad
-examples (unreadable files, folders named like images, two images with one
-stem, ...) are skipped and listed; --strict stops at the first one instead.
+build_report.json next to it) and the config flags that train on it (for a
+train split of fewer than 16 images, with batch sizes that fit it on this
+machine's devices). Bad examples (unreadable files, folders named like
+images, two images with one stem, ...) are skipped and listed; --strict stops
+at the first one instead.
 
 Run again on an unchanged source, it reuses the build and prints its report.
 When the source changed since (files added, removed or rewritten, other class
-names), it refuses with one line and exits 1 instead of passing the stale
+names), it refuses with one line and exits 2 instead of passing the stale
 build off as current; --overwrite rebuilds, keeping the old build until the new
 one is complete.
 """
 
-import sys
+import os
 
-from absl import app
 from absl import flags
 import ml_collections
 
-from pspnet_jax import paths
-from pspnet_jax.data import builders, registry
+from pspnet_jax import cli, paths
+from pspnet_jax.data import registry
+from pspnet_jax.errors import MissingFile
 
 # Every dataset that is built from files (all but the generated synthetic one), by
 # config.data.name or another name users know it by.
@@ -56,17 +58,22 @@ def main(argv):
   # Absolute, so that the printed flags find the same folder slot from any
   # working directory.
   manual_dir = paths.absolute(_MANUAL_DIR.value)
+  if not paths.is_remote(manual_dir) and not (os.path.isdir(manual_dir)
+                                              and os.listdir(manual_dir)):
+    # (TFDS would stop with an AssertionError, after making folders in the data dir.)
+    where = f' ({manual_dir})' if manual_dir != _MANUAL_DIR.value else ''
+    problem = 'is empty' if os.path.isdir(manual_dir) else 'no such folder'
+    raise MissingFile(f'--manual_dir={_MANUAL_DIR.value}{where}: {problem}; it holds the '
+                      f'unpacked dataset (--helpshort says what for each --dataset)')
   # The keys training will read; the folder builder's slot is keyed on
   # folder_dir, the official ones ignore it.
   config = ml_collections.ConfigDict({'data': {
       'name': dataset.name, 'data_dir': _DATA_DIR.value, 'folder_dir': manual_dir}})
   builder = registry.builder(config, strict=_STRICT.value)
   reused = builder.is_prepared() and not _OVERWRITE.value
-  try:
-    report = builder.build(manual_dir, overwrite=_OVERWRITE.value)
-  except builders.BuildError as error:
-    # The message names the file, the rule or the flag; a traceback would bury it.
-    sys.exit(f'prepare: {error}')
+  # A builders.BuildError (a UserError) names the file, the rule or the flag: cli.run prints
+  # it as one line and exits 2.
+  report = builder.build(manual_dir, overwrite=_OVERWRITE.value)
   verb = 'reused (source unchanged)' if reused else 'built'
   print(f'{verb} {builder.info.full_name} in {builder.data_dir} '
         f'({report["num_classes"]} classes)')
@@ -81,10 +88,33 @@ def main(argv):
       listed = ', '.join(absent[:_LISTED_SKIPS]) + (', ...' if len(absent) > _LISTED_SKIPS else '')
       print(f'    {len(absent)} classes have no pixels: {listed}')
   print(f'report: {builder.report_path}')
+  num_train = report['splits'].get('train', {}).get('written')
+  # Small sets need smaller batches, which depend on the devices: counted only then (JAX
+  # starts its backends for it).
+  devices = (_device_count() if num_train is not None and
+             num_train < registry.RECIPE_BATCH_SIZE else 1)
   print('train on it with: python -m pspnet_jax.main '
-        + registry.training_flags(config, report['num_classes']) + ' --workdir=WORKDIR')
+        + registry.training_flags(config, report['num_classes'], num_train=num_train,
+                                  num_devices=devices) + ' --workdir=WORKDIR')
+  if num_train is not None and num_train < registry.RECIPE_BATCH_SIZE:
+    sizes = registry.small_set_batch_sizes(num_train, devices)
+    if 'train.batch_size' in sizes:
+      print(f'  (train.batch_size={sizes["train.batch_size"]}: {num_train} training images, '
+            f'a multiple of the {devices} device(s) here; the recipe takes '
+            f'{registry.RECIPE_BATCH_SIZE})')
+    else:
+      print(f'  note: {num_train} training images cannot fill one batch over the {devices} '
+            f'devices here (at least one image per device): add images, or train on fewer '
+            f'devices')
+
+
+def _device_count() -> int:
+  """The devices a training run on this machine would use (without reserving GPU memory)."""
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  import jax  # pylint: disable=import-outside-toplevel  (only for small sets)
+  return jax.device_count()
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['dataset', 'manual_dir'])
-  app.run(main)
+  cli.run(main)

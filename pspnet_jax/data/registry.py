@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from pspnet_jax.data import ade20k, builders, cityscapes, folder, meta, synthetic, voc_aug
+from pspnet_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +103,7 @@ def get(name: str) -> Dataset:
   """The entry of config.data.name `name` (or one of its aliases)."""
   dataset = DATASETS.get(ALIASES.get(name, name))
   if dataset is None:
-    raise ValueError(f'config.data.name={name!r}: must be one of {sorted(DATASETS)} (or an alias: '
+    raise UserError(f'config.data.name={name!r}: must be one of {sorted(DATASETS)} (or an alias: '
                      f'{sorted(ALIASES)})')
   return dataset
 
@@ -121,7 +122,7 @@ def class_names(config) -> tuple[str, ...]:
   dataset = get(config.data.name)
   names = dataset.class_names or dataset.builder.class_names_for(config)
   if config.data.num_classes != len(names):
-    raise ValueError(f'config.data.num_classes={config.data.num_classes}, but dataset '
+    raise UserError(f'config.data.num_classes={config.data.num_classes}, but dataset '
                      f'{dataset.name!r} has {len(names)} classes: set '
                      f'--config.data.num_classes={len(names)}')
   return names
@@ -137,8 +138,40 @@ def palette(config) -> np.ndarray:
   return meta.voc_palette(count) if dataset.palette is None else dataset.palette.copy()
 
 
-def training_flags(config, num_classes: int) -> str:
-  """The pspnet_jax.main flags that train on the built dataset `config` (data.*) names."""
+# configs/default.py's train.batch_size and eval.batch_size (semseg's global batch), which
+# every dataset's config keeps.
+RECIPE_BATCH_SIZE = 16
+
+
+def small_set_batch_sizes(num_train: int, num_devices: int) -> dict[str, int]:
+  """The batch-size overrides that training on `num_train` images over `num_devices` needs.
+
+  Training takes global batches of at most the training images (`pipeline.GlobalOrder`)
+  that split evenly over the devices (`sharding.local_batch_size`, for train.batch_size and
+  eval.batch_size alike). With RECIPE_BATCH_SIZE or more images nothing changes; with fewer,
+  train.batch_size becomes the largest multiple of the devices within the images (absent
+  when the images are fewer than the devices: no batch fits) and eval.batch_size a multiple
+  of the devices near the recipe's.
+  """
+  if num_train >= RECIPE_BATCH_SIZE:
+    return {}
+  sizes = {}
+  batch = num_train // num_devices * num_devices
+  if batch:
+    sizes['train.batch_size'] = batch
+  eval_batch = max(num_devices, RECIPE_BATCH_SIZE // num_devices * num_devices)
+  if eval_batch != RECIPE_BATCH_SIZE:
+    sizes['eval.batch_size'] = eval_batch
+  return sizes
+
+
+def training_flags(config, num_classes: int, *, num_train: int | None = None,
+                   num_devices: int = 1) -> str:
+  """The pspnet_jax.main flags that train on the built dataset `config` (data.*) names.
+
+  `num_train`: the images of its train split; fewer than RECIPE_BATCH_SIZE add the batch
+  sizes that fit them on `num_devices` devices (`small_set_batch_sizes`).
+  """
   dataset = get(config.data.name)
   if dataset.config_file:
     arguments = [f'--config={dataset.config_file}']
@@ -149,5 +182,8 @@ def training_flags(config, num_classes: int) -> str:
               f'--config.data.num_classes={num_classes}']
   if config.data.data_dir:
     arguments.append(f'--config.data.data_dir={config.data.data_dir}')
+  if num_train is not None:
+    arguments += [f'--config.{key}={value}'
+                  for key, value in small_set_batch_sizes(num_train, num_devices).items()]
   # Quoted, so that a folder name with spaces pastes into a shell as one flag.
   return ' '.join(map(shlex.quote, arguments))

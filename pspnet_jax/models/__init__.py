@@ -10,11 +10,6 @@ from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.pspnet import PSPNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# mmsegmentation's PSPNet (ResNetV1c, contract_dilation, align_corners=False; mmseg-pspnet.md):
-# the config.model values (and PSPNet arguments) that make it, the config variant arch=mmseg.
-MMSEG_ARCHITECTURE = {'deep_stem': True, 'stem_widths': (32, 32, 64), 'contract_dilation': True,
-                      'dilate_basic_conv2': False, 'use_ppm': True, 'ppm_align_corners': False,
-                      'align_corners': False}
 
 
 def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
