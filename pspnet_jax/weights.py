@@ -307,7 +307,7 @@ def _import_torch():
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as error:
     raise ImportError('reading and writing .pth files needs PyTorch (CPU build is enough): '
-                      'pip install torch==2.13.0, or use safetensors files') from error
+                      'pip install -r requirements-torch.txt, or use safetensors files') from error
   return torch
 
 

@@ -33,3 +33,11 @@ def straight_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('straight'))
   demo_runs.straight_resume_run(workdir, data_dir)
   return data_dir, workdir
+
+
+def pytest_collection_modifyitems(items):
+  """With pytest-xdist (`-n 2 --dist loadgroup`, pytest.ini), the tests that compare with the
+  straight run share one worker, so the session fixture runs once."""
+  for item in items:
+    if 'straight_run' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.xdist_group('straight_run'))

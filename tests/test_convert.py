@@ -176,7 +176,7 @@ def test_corrupt_file_and_missing_torch_are_explained(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match='no weights file'):
     weights.read_tensors(str(tmp_path / 'absent.pth'))
   monkeypatch.setitem(sys.modules, 'torch', None)
-  with pytest.raises(ImportError, match='pip install torch'):
+  with pytest.raises(ImportError, match='pip install -r requirements-torch.txt'):
     weights.read_tensors(str(corrupt))
 
 
