@@ -203,7 +203,7 @@ def _check_shapes(stored_metadata, expected: dict, where: str) -> None:
     shown = '\n  '.join(problems[:10])
     more = f'\n  ... and {len(problems) - 10} more' if len(problems) > 10 else ''
     raise UserError(f'{where} does not match the model of the config '
-                     f'(check model.backbone, model.use_ppm, data.num_classes):\n  {shown}{more}')
+                    f'(check model.backbone, model.use_ppm, data.num_classes):\n  {shown}{more}')
 
 
 def _abstract(tree):

@@ -150,7 +150,8 @@ ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
               'model.stem_widths': [64, 64, 128], 'model.contract_dilation': False,
               'model.ppm_align_corners': True, 'model.align_corners': True,
               'model.dilate_basic_conv2': True, 'model.head_channels': 512,
-              'model.aux_channels': 256, 'data.crop_width': 0, 'model.loss_normalizer': 'valid', 'optim.end_lr': 0.0}
+              'model.aux_channels': 256, 'data.crop_width': 0, 'model.loss_normalizer': 'valid',
+              'optim.end_lr': 0.0}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

@@ -10,8 +10,9 @@ no dropout, no aux head). The batch is symbolic everywhere.
 - `jax`: `jax.export` of the forward with the weights inside, serialized
   StableHLO for CPU, CUDA and TPU, for any H = 8h+1 and W = 8w+1 (h, w >= 4;
   the mmseg architecture: any H, W >= 33; symbolic: the resize and pooling maps
-  are computed in the graph from the sizes) unless a size is given. `load_jax(path)` gives a callable; it needs
-  jax only, not this project: `jax.export.deserialize(data).call(images)`.
+  are computed in the graph from the sizes) unless a size is given.
+  `load_jax(path)` gives a callable; it needs jax only, not this project:
+  `jax.export.deserialize(data).call(images)`.
   The other formats fix H x W at export (`size`, default the config's crop):
   their resize and pooling maps are constant matrices for that size, which
   every runtime runs as plain matrix products.

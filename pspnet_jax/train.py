@@ -62,7 +62,7 @@ def num_train_steps(config, num_examples: int) -> int:
   steps_per_epoch = num_examples // config.train.batch_size
   if steps_per_epoch == 0:
     raise UserError(f'config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'{num_examples} training examples')
+                    f'{num_examples} training examples')
   return config.train.num_epochs * steps_per_epoch
 
 
@@ -71,7 +71,7 @@ def validate(config) -> None:
   configuration.validate(config)
   if config.model.zoom_factor != 8:
     raise UserError(f'config.model.zoom_factor={config.model.zoom_factor!r}: training compares '
-                     f'logits with labels at the input size, which needs 8')
+                    f'logits with labels at the input size, which needs 8')
 
 
 def create_train_state(config, mesh, num_steps: int):
@@ -145,7 +145,8 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
       train_step, graphdef=graphdef, tx=tx,
       learning_rates=optim.learning_rates(config.optim, num_steps, config.train.batch_size),
       aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
-      loss_normalizer=config.model.loss_normalizer, seed=config.seed, mean=tuple(config.data.mean), std=tuple(config.data.std))
+      loss_normalizer=config.model.loss_normalizer, seed=config.seed,
+      mean=tuple(config.data.mean), std=tuple(config.data.std))
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)

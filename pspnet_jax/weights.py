@@ -184,8 +184,8 @@ def check_mmseg_architecture(config, what: str) -> None:
   if wrong:
     preset = ', '.join(f'model.{key}={value!r}' for key, value in MMSEG_ARCHITECTURE.items())
     raise UserError(f'{what} needs mmsegmentation\'s PSPNet, but the config has '
-                     f'{", ".join(wrong)}: use the config variant arch=mmseg (e.g. '
-                     f'--config=configs/ade20k.py:arch=mmseg), which sets {preset}')
+                    f'{", ".join(wrong)}: use the config variant arch=mmseg (e.g. '
+                    f'--config=configs/ade20k.py:arch=mmseg), which sets {preset}')
 
 
 def _to_torch_array(array: np.ndarray) -> np.ndarray:
@@ -353,7 +353,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   for key, entry in entries:
     if entry['dtype'] not in _SAFETENSORS_DTYPES:
       raise UserError(f'{path}: tensor {key!r} has dtype {entry["dtype"]}, which this reader '
-                       f'does not take ({sorted(_SAFETENSORS_DTYPES)})')
+                      f'does not take ({sorted(_SAFETENSORS_DTYPES)})')
     dtype = _SAFETENSORS_DTYPES[entry['dtype']]
     tensors[key] = np.frombuffer(entry['data'], dtype).reshape(entry['shape'])
   return tensors
@@ -513,7 +513,7 @@ def refuse_existing(path: str, overwrite: bool) -> None:
   exists = epath.Path(path).exists() if paths.is_remote(path) else os.path.lexists(path)
   if not overwrite and exists:
     raise AlreadyExists(f'{path} already exists; give --overwrite (overwrite=True) to '
-                          'replace it')
+                        'replace it')
 
 
 def write_atomically(path: str, write, *, overwrite: bool) -> None:
@@ -596,17 +596,17 @@ def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: 
 def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths) -> None:
   if fmt not in PRETRAINED_FORMATS:
     raise UserError(f'{path}: format {fmt!r} is not an ImageNet backbone; use one of '
-                     f'{PRETRAINED_FORMATS}')
+                    f'{PRETRAINED_FORMATS}')
   wants_deep, wants_widths = _PRETRAINED_STEMS[fmt]
   if deep_stem != wants_deep:
     raise UserError(f'{path}: format {fmt} holds a {"deep" if wants_deep else "7x7"} stem but '
-                     f'the model has config.model.deep_stem={deep_stem}')
+                    f'the model has config.model.deep_stem={deep_stem}')
   if wants_widths is not None and tuple(stem_widths) != wants_widths:
     hint = (' (the config variant arch=mmseg)' if fmt == 'mmseg-resnet' else
             ' (semseg\'s; mmseg-resnet is the 32-32-64 stem of ResNetV1c)')
     raise UserError(f'{path}: format {fmt} holds a stem of widths {wants_widths} but the model '
-                     f'has config.model.stem_widths={tuple(stem_widths)}: set '
-                     f'model.stem_widths={wants_widths}{hint}')
+                    f'has config.model.stem_widths={tuple(stem_widths)}: set '
+                    f'model.stem_widths={wants_widths}{hint}')
 
 
 def _check_layout(tensors: dict, fmt: str, path: str) -> None:
@@ -614,12 +614,12 @@ def _check_layout(tensors: dict, fmt: str, path: str) -> None:
   mmseg_keys = [key for key in tensors if key.startswith(_MMSEG_PREFIXES)]
   if fmt == 'mmseg' and not mmseg_keys:
     raise UserError(f'{path} is no mmsegmentation checkpoint: none of its keys starts with '
-                     f'{" / ".join(_MMSEG_PREFIXES)} (it has {sorted(tensors)[:3]} ...); an '
-                     'official semseg checkpoint (layer0..., ppm..., cls..., aux...) is '
-                     '--format=semseg')
+                    f'{" / ".join(_MMSEG_PREFIXES)} (it has {sorted(tensors)[:3]} ...); an '
+                    'official semseg checkpoint (layer0..., ppm..., cls..., aux...) is '
+                    '--format=semseg')
   if fmt != 'mmseg' and mmseg_keys:
     raise UserError(f'{path} is an mmsegmentation checkpoint (keys such as {mmseg_keys[0]}): '
-                     'import it with --format=mmseg and the config variant arch=mmseg')
+                    'import it with --format=mmseg and the config variant arch=mmseg')
 
 
 def import_weights(config, workdir: str, path: str, fmt: str) -> str:
@@ -627,7 +627,7 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   existing = checkpoint.all_steps(workdir)
   if existing:
     raise AlreadyExists(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
-                          f'{existing}; import into an empty --workdir')
+                        f'{existing}; import into an empty --workdir')
   meta = {'source': paths.absolute(path), 'format': fmt}
 
   def fresh_model():

@@ -15,6 +15,27 @@ MMSEG_ARCHITECTURE = {key: value for key, value in architectures.MMSEG_ARCHITECT
                       if key not in ('deep_stem', 'use_ppm')}
 
 
+def randomize_batch_norms(twin, calibration_size: int) -> list:
+  """Calibrates the twin's BatchNorm statistics on a random batch, then perturbs them and
+  randomizes the affine parameters (make_twins says why); leaves the twin in eval mode and
+  returns its BatchNorms in module order."""
+  bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  for bn in bns:
+    bn.momentum = None  # cumulative average: after one batch, the batch statistics
+  twin.train()
+  with torch.no_grad():
+    twin(torch.randn(2, 3, calibration_size, calibration_size), return_aux=True)
+    for bn in bns:
+      bn.momentum = 0.1
+      std = bn.running_var.sqrt()
+      bn.running_mean += 0.2 * std * torch.randn_like(std)
+      bn.running_var *= torch.empty_like(std).uniform_(0.7, 1.3)
+      bn.weight.uniform_(0.5, 1.5)
+      bn.bias.normal_(0.0, 0.1)
+  twin.eval()
+  return bns
+
+
 def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_ppm=True,
                dropout=0.1, seed=0, calibration_size=97, dtype=jax.numpy.float32,
                **architecture):
@@ -32,20 +53,7 @@ def make_twins(depth=50, classes=150, *, deep_stem=True, output_stride=8, use_pp
   twin = torch_reference.PSPNet(depth, classes=classes, deep_base=deep_stem,
                                 output_stride=output_stride, use_ppm=use_ppm, dropout=dropout,
                                 **architecture)
-  bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for bn in bns:
-    bn.momentum = None  # cumulative average: after one batch, the batch statistics
-  twin.train()
-  with torch.no_grad():
-    twin(torch.randn(2, 3, calibration_size, calibration_size), return_aux=True)
-    for bn in bns:
-      bn.momentum = 0.1
-      std = bn.running_var.sqrt()
-      bn.running_mean += 0.2 * std * torch.randn_like(std)
-      bn.running_var *= torch.empty_like(std).uniform_(0.7, 1.3)
-      bn.weight.uniform_(0.5, 1.5)
-      bn.bias.normal_(0.0, 0.1)
-  twin.eval()
+  randomize_batch_norms(twin, calibration_size)
   model = PSPNet(classes, backbone=f'resnet{depth}', deep_stem=deep_stem,
                  output_stride=output_stride, use_ppm=use_ppm, dropout=dropout, dtype=dtype,
                  logits_dtype=jax.numpy.promote_types(dtype, jax.numpy.float32),

@@ -32,7 +32,8 @@ from pspnet_jax import checkpoint, configuration, sharding, train_state, optim, 
 from pspnet_jax import torch_reference
 from pspnet_jax.data import meta as data_meta
 from pspnet_jax.models import create_model
-from parity import MMSEG_ARCHITECTURE, forward, max_relative_diff, nchw, nhwc
+from parity import (MMSEG_ARCHITECTURE, forward, max_relative_diff, nchw, nhwc,
+                    randomize_batch_norms)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # mmseg's R18 configs (pspnet_r18-d8): decode head 128 channels, aux head 64.
@@ -88,21 +89,9 @@ def _twin(depth, classes, seed=0):
   num_batches_tracked per BatchNorm."""
   torch.manual_seed(seed)
   twin = torch_reference.PSPNet(depth, classes=classes, **MMSEG_ARCHITECTURE, **_HEADS[depth])
-  bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  for bn in bns:
-    bn.momentum = None  # after one batch: its statistics, a sane scale through every layer
-  twin.train()
-  with torch.no_grad():
-    twin(torch.randn(2, 3, 65, 65), return_aux=True)
-    for i, bn in enumerate(bns):
-      bn.momentum = 0.1
-      std = bn.running_var.sqrt()
-      bn.running_mean += 0.2 * std * torch.randn_like(std)
-      bn.running_var *= torch.empty_like(std).uniform_(0.7, 1.3)
-      bn.weight.uniform_(0.5, 1.5)
-      bn.bias.normal_(0.0, 0.1)
-      bn.num_batches_tracked.fill_(1000 + 7 * i)
-  return twin.eval()
+  for i, bn in enumerate(randomize_batch_norms(twin, calibration_size=65)):
+    bn.num_batches_tracked.fill_(1000 + 7 * i)
+  return twin
 
 
 @pytest.fixture(scope='module')

@@ -131,7 +131,7 @@ def _processes(process_index, process_count):
 def _per_process_batch(batch_size: int, process_count: int, key: str) -> int:
   if batch_size < process_count or batch_size % process_count:
     raise UserError(f'config.{key}={batch_size} must be a positive multiple of the number of '
-                     f'processes ({process_count}): each process loads an equal share')
+                    f'processes ({process_count}): each process loads an equal share')
   return batch_size // process_count
 
 
@@ -147,7 +147,7 @@ class GlobalOrder:
   def __init__(self, num_examples: int, global_batch: int, seed: int):
     if num_examples < global_batch:
       raise UserError(f'config.train.batch_size={global_batch} is larger than the '
-                       f'{num_examples} training examples')
+                      f'{num_examples} training examples')
     self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
     self.steps_per_epoch = num_examples // global_batch
     self._epoch, self._permutation = None, None   # the last epoch's, reused by its S batches

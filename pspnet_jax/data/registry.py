@@ -104,7 +104,7 @@ def get(name: str) -> Dataset:
   dataset = DATASETS.get(ALIASES.get(name, name))
   if dataset is None:
     raise UserError(f'config.data.name={name!r}: must be one of {sorted(DATASETS)} (or an alias: '
-                     f'{sorted(ALIASES)})')
+                    f'{sorted(ALIASES)})')
   return dataset
 
 
@@ -123,8 +123,8 @@ def class_names(config) -> tuple[str, ...]:
   names = dataset.class_names or dataset.builder.class_names_for(config)
   if config.data.num_classes != len(names):
     raise UserError(f'config.data.num_classes={config.data.num_classes}, but dataset '
-                     f'{dataset.name!r} has {len(names)} classes: set '
-                     f'--config.data.num_classes={len(names)}')
+                    f'{dataset.name!r} has {len(names)} classes: set '
+                    f'--config.data.num_classes={len(names)}')
   return names
 
 
