@@ -27,6 +27,9 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Seeds parameter initialization, data order, augmentation and dropout.
   config.seed = 0
+  # What the run trains: 'segmentation' (PSPNet, these defaults) or 'refinement' (CascadePSP's
+  # refinement module on image + coarse mask pairs, configs/cascadepsp.py).
+  config.task = 'segmentation'
 
   config.data = ml_collections.ConfigDict()
   # Dataset name, a key of pspnet_jax.data.registry.DATASETS: synthetic | ade20k | cityscapes
@@ -179,6 +182,18 @@ def _schema(dataset: registry.Dataset) -> ml_collections.ConfigDict:
   config.model.pretrained_format = 'semseg-resnet'
 
   config.optim = ml_collections.ConfigDict()
+  # 'sgd': torch.optim.SGD(momentum, weight_decay), semseg's. 'adam': torch.optim.Adam with
+  # weight_decay added to the gradient (L2, not AdamW's decoupled decay), CascadePSP's.
+  config.optim.name = 'sgd'
+  # 'poly': base * (1 - k / num_steps) ** power (semseg); 'multistep': base * gamma ** (number
+  # of milestones <= k), torch's MultiStepLR stepped once per iteration (CascadePSP).
+  config.optim.schedule = 'poly'
+  config.optim.milestones = ()
+  config.optim.gamma = 0.1
+  # Adam's moment decays and epsilon (optim.name='adam'), torch's defaults.
+  config.optim.adam_b1 = 0.9
+  config.optim.adam_b2 = 0.999
+  config.optim.adam_eps = 1e-8
   # Learning rate of the backbone (layer0..layer4) at step 0; poly-decayed to 0.
   config.optim.base_lr = 0.01
   # The pyramid pooling and both heads learn this many times faster.

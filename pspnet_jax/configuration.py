@@ -15,8 +15,11 @@ from pspnet_jax.losses import LOSS_NORMALIZERS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES
-from pspnet_jax.optim import LR_SCALINGS
+from pspnet_jax.optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES
 from pspnet_jax.weights import PRETRAINED_FORMATS
+
+# The refinement module's backbones (models/cascadepsp.py; the official one is resnet50).
+REFINEMENT_BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 
 
 # configs/ beside pspnet_jax/: config files given relative to the repository resolve from any
@@ -47,9 +50,19 @@ def _require(condition: bool, key: str, value, expectation: str) -> None:
     raise UserError(f'config.{key}={value!r}: {expectation}')
 
 
+# config.task: what a run trains (configs/default.py).
+TASKS = ('segmentation', 'refinement')
+# The refinement module's loss weights: one per output, in the official order
+# (out_224, out_28, out_56, out_28_2, out_28_3, out_56_2; losses.REFINEMENT_OUTPUTS).
+_REFINEMENT_LOSS_WEIGHTS = ('ce_weights', 'l1_weights', 'l2_weights')
+
+
 def validate(config) -> None:
   """Raises UserError (a ValueError) naming the first key whose value cannot work."""
   data, model = config.data, config.model
+  _require(config.task in TASKS, 'task', config.task, f'must be one of {TASKS}')
+  if config.task == 'refinement':
+    _validate_refinement(config)
   _require(isinstance(data.num_classes, int) and data.num_classes >= 1, 'data.num_classes',
            data.num_classes, 'must be a positive integer')
   _require(0 <= data.ignore_label and data.ignore_label >= data.num_classes, 'data.ignore_label',
@@ -95,6 +108,16 @@ def validate(config) -> None:
   _require(model.pretrained_format in PRETRAINED_FORMATS, 'model.pretrained_format',
            model.pretrained_format, f'must be one of {PRETRAINED_FORMATS}')
   optim = config.optim
+  _require(optim.name in OPTIMIZERS, 'optim.name', optim.name, f'must be one of {OPTIMIZERS}')
+  _require(optim.schedule in SCHEDULES, 'optim.schedule', optim.schedule,
+           f'must be one of {SCHEDULES}')
+  _require(all(isinstance(m, int) and m >= 1 for m in optim.milestones)
+           and list(optim.milestones) == sorted(optim.milestones), 'optim.milestones',
+           optim.milestones, 'must be increasing positive step numbers')
+  _require(0 < optim.gamma <= 1, 'optim.gamma', optim.gamma, 'must be in (0, 1]')
+  for key in ('adam_b1', 'adam_b2'):
+    _require(0 <= optim[key] < 1, f'optim.{key}', optim[key], 'must be in [0, 1)')
+  _require(optim.adam_eps > 0, 'optim.adam_eps', optim.adam_eps, 'must be > 0')
   for key in ('base_lr', 'head_lr_mult', 'weight_decay', 'end_lr'):
     _require(optim[key] >= 0, f'optim.{key}', optim[key], 'must be >= 0')
   _require(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum, 'must be in [0, 1)')
@@ -130,6 +153,33 @@ def validate(config) -> None:
            evaluation.scales, 'must be a non-empty tuple of positive numbers')
 
 
+def _validate_refinement(config) -> None:
+  """The keys only CascadePSP's refinement runs have (configs/cascadepsp.py)."""
+  for section in ('refine', 'loss'):
+    _require(section in config, section, None, "is missing: refinement configs start from "
+             "configs/cascadepsp.py")
+  _require(config.data.num_classes == 2, 'data.num_classes', config.data.num_classes,
+           'must be 2 (background, foreground) for refinement')
+  _require(config.model.backbone in REFINEMENT_BACKBONES, 'model.backbone',
+           config.model.backbone, f'must be one of {REFINEMENT_BACKBONES} for refinement')
+  _require(not config.eval.at_end_of_training, 'eval.at_end_of_training',
+           config.eval.at_end_of_training, 'must be False for refinement (its evaluation is the '
+           'refinement of data.eval_split at every train.eval_every)')
+  _require(config.data.augment.recipe == 'cascadepsp', 'data.augment.recipe',
+           config.data.augment.recipe, "must be 'cascadepsp' for refinement")
+  refine = config.refine
+  _require(isinstance(refine.L, int) and refine.L >= 64, 'refine.L', refine.L,
+           'must be an integer >= 64 (the local step trims 16-pixel borders of L x L patches '
+           'that advance by L // 2 - 32)')
+  _require(isinstance(refine.batch_size, int) and refine.batch_size >= 0, 'refine.batch_size',
+           refine.batch_size, 'must be 0 (the device count) or a positive integer')
+  loss = config.loss
+  for key in _REFINEMENT_LOSS_WEIGHTS:
+    _require(len(loss[key]) == 6 and all(w >= 0 for w in loss[key]), f'loss.{key}', loss[key],
+             'must be six weights >= 0')
+  _require(loss.grad_weight >= 0, 'loss.grad_weight', loss.grad_weight, 'must be >= 0')
+
+
 # Keys a resumed run may change freely: how often it logs, saves and evaluates, where the
 # prepared data lives, how the loader is parallelized (the batches do not depend on it),
 # how evaluation runs, and the pretrained file and its format (read only by
@@ -137,7 +187,7 @@ def validate(config) -> None:
 # Every other key changes what the run computes.
 RESUME_FREE_KEYS = ('train.log_every', 'train.checkpoint_every', 'train.eval_every',
                     'train.max_nonfinite_steps', 'data.data_dir', 'data.worker_count',
-                    'data.prefetch', 'data.eval_split', 'eval.', 'model.pretrained')
+                    'data.prefetch', 'data.eval_split', 'eval.', 'model.pretrained', 'refine.')
 
 
 # Keys added after checkpoints were first written, with the value that computes what the
@@ -151,7 +201,9 @@ ADDED_KEYS = {'data.batch_dtype': 'float32', 'model.logits_dtype': 'float32',
               'model.ppm_align_corners': True, 'model.align_corners': True,
               'model.dilate_basic_conv2': True, 'model.head_channels': 512,
               'model.aux_channels': 256, 'data.crop_width': 0, 'model.loss_normalizer': 'valid',
-              'optim.end_lr': 0.0}
+              'optim.end_lr': 0.0, 'task': 'segmentation', 'optim.name': 'sgd',
+              'optim.schedule': 'poly', 'optim.milestones': [], 'optim.gamma': 0.1,
+              'optim.adam_b1': 0.9, 'optim.adam_b2': 0.999, 'optim.adam_eps': 1e-8}
 
 
 def flatten_config(tree: dict, prefix: str = '') -> dict:

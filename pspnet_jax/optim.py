@@ -1,4 +1,4 @@
-"""The official optimizer: SGD with momentum, weight decay added to the gradient, poly decay, 10x heads.
+"""The official optimizers: semseg's SGD (poly decay, 10x heads) and CascadePSP's Adam (steps).
 
 semseg builds two parameter groups, the backbone (layer0..layer4) at base_lr
 and the new layers (ppm, cls, aux) at 10 x base_lr, and after every step sets
@@ -8,6 +8,14 @@ PyTorch's SGD adds weight_decay * param to the gradient *before* the momentum
 buffer (buf = momentum * buf + grad + wd * p; p -= lr * buf), on every
 parameter, BatchNorm and biases included; that is exactly
 add_decayed_weights -> trace -> scale_by_learning_rate below.
+
+CascadePSP trains its refinement module with torch.optim.Adam(lr 2.25e-4,
+weight_decay 1e-4) and MultiStepLR(milestones 22500 and 37500, gamma 0.1),
+stepped after every iteration (`optim.name='adam'`, `optim.schedule='multistep'`).
+torch's Adam adds weight_decay * param to the gradient before the moments (L2,
+not AdamW): add_decayed_weights -> scale_by_adam -> scale_by_learning_rate, and
+optax's bias-corrected m / (sqrt(v) + eps) is torch's update written differently.
+The k-th step (0-based) runs at base * gamma ** (number of milestones <= k).
 
 Large global batches (all off by default, which is the official optimizer
 above, bit for bit):
@@ -39,6 +47,9 @@ import optax
 
 # Top-level modules trained at head_lr_mult x the base rate (freshly initialized).
 HEAD_MODULES = ('ppm', 'cls', 'aux')
+# optim.name and optim.schedule.
+OPTIMIZERS = ('sgd', 'adam')
+SCHEDULES = ('poly', 'multistep')
 # optim.lr_scaling: the factor of the base rates at global batch B, reference batch R.
 LR_SCALINGS = ('none', 'linear', 'sqrt')
 
@@ -62,17 +73,27 @@ def poly_schedule(base_lr: float, num_steps: int, power: float,
   return schedule
 
 
-def warmup_poly_schedule(base_lr: float, num_steps: int, power: float, warmup_steps: int,
-                         end_lr: float = 0.0) -> optax.Schedule:
-  """k -> poly(k) * min(1, (k + 1) / (warmup_steps + 1)); the poly schedule itself when 0."""
-  poly = poly_schedule(base_lr, num_steps, power, end_lr)
+def multistep_schedule(base_lr: float, milestones, gamma: float) -> optax.Schedule:
+  """k -> base_lr * gamma ** (number of milestones <= k): torch's MultiStepLR stepped after
+  every iteration (its k-th iteration, 0-based, follows k scheduler steps)."""
+  milestones = jnp.asarray(tuple(milestones), jnp.int32)
+
+  def schedule(step):
+    decays = jnp.sum(step >= milestones).astype(jnp.float32)
+    return base_lr * gamma ** decays
+
+  return schedule
+
+
+def with_warmup(decay: optax.Schedule, warmup_steps: int) -> optax.Schedule:
+  """k -> decay(k) * min(1, (k + 1) / (warmup_steps + 1)); `decay` itself when 0."""
   if warmup_steps == 0:
-    return poly
+    return decay
 
   def schedule(step):
     # Integer numerator, as in poly_schedule: (k + 1) / (W + 1) is one rounding from exact.
     ramp = jnp.minimum(step + 1, warmup_steps + 1).astype(jnp.float32) / (warmup_steps + 1)
-    return poly(step) * ramp
+    return decay(step) * ramp
 
   return schedule
 
@@ -107,27 +128,35 @@ def learning_rates(optim_config, num_steps: int,
                    batch_size: int | None = None) -> dict[str, optax.Schedule]:
   """The schedule of each parameter group at global batch `batch_size` (used by optim.lr_scaling)."""
   base_lr = optim_config.base_lr * lr_scale(optim_config, batch_size)
-  return {
-      group: warmup_poly_schedule(base_lr * multiplier, num_steps, optim_config.power,
-                                  optim_config.warmup_steps, optim_config.end_lr * multiplier)
-      for group, multiplier in (('backbone', 1.0), ('head', optim_config.head_lr_mult))}
+
+  def decay(rate, multiplier):
+    if optim_config.schedule == 'multistep':
+      return multistep_schedule(rate, optim_config.milestones, optim_config.gamma)
+    return poly_schedule(rate, num_steps, optim_config.power, optim_config.end_lr * multiplier)
+
+  return {group: with_warmup(decay(base_lr * multiplier, multiplier), optim_config.warmup_steps)
+          for group, multiplier in (('backbone', 1.0), ('head', optim_config.head_lr_mult))}
 
 
 def create_optimizer(optim_config, num_steps: int,
                      batch_size: int | None = None) -> optax.GradientTransformation:
-  """SGD as torch.optim.SGD(momentum, weight_decay) with semseg's two poly-decayed groups,
-  and the large-batch options of the module docstring (global batch `batch_size`)."""
+  """torch.optim.SGD(momentum, weight_decay) or torch.optim.Adam(weight_decay) (optim.name)
+  with two decayed groups, and the large-batch options of the module docstring (global batch
+  `batch_size`)."""
 
-  def sgd(schedule):
+  def optimizer(schedule):
     trust_ratio = ([optax.masked(
         optax.scale_by_trust_ratio(trust_coefficient=optim_config.trust_coefficient),
         trust_ratio_mask)] if optim_config.trust_ratio else [])
+    if optim_config.name == 'adam':
+      moments = optax.scale_by_adam(b1=optim_config.adam_b1, b2=optim_config.adam_b2,
+                                    eps=optim_config.adam_eps)
+    else:
+      moments = optax.trace(decay=optim_config.momentum, nesterov=False)
     return optax.chain(optax.add_decayed_weights(optim_config.weight_decay),
-                       *trust_ratio,
-                       optax.trace(decay=optim_config.momentum, nesterov=False),
-                       optax.scale_by_learning_rate(schedule))
+                       *trust_ratio, moments, optax.scale_by_learning_rate(schedule))
 
-  transforms = {group: sgd(schedule)
+  transforms = {group: optimizer(schedule)
                 for group, schedule in learning_rates(optim_config, num_steps, batch_size).items()}
   return optax.multi_transform(
       transforms, lambda params: jax.tree_util.tree_map_with_path(

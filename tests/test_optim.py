@@ -240,3 +240,42 @@ def test_end_lr_is_mmengine_poly_lr_with_eta_min():
   actual = [float(schedules['backbone'](k)) for k in range(total + 1)]
   np.testing.assert_allclose(actual, expected, rtol=1e-5)
   assert float(schedules['head'](total + 10)) == pytest.approx(end_lr)
+
+
+def test_adam_with_multistep_decay_equals_torch_adam_and_multisteplr():
+  """CascadePSP's optimizer: torch.optim.Adam(lr, weight_decay) with MultiStepLR stepped after
+  every iteration, step by step over both milestones, one parameter group."""
+  config = default.get_config().optim
+  config.name, config.schedule = 'adam', 'multistep'
+  config.base_lr, config.weight_decay, config.head_lr_mult = 2.25e-4, 1e-4, 1.0
+  config.milestones, config.gamma = (3, 7), 0.1
+  num_steps = 10
+  rs = np.random.RandomState(1)
+  shapes = {'feats': {'kernel': (3, 3, 2, 4), 'bias': (4,)}, 'psp': {'kernel': (1, 1, 4, 2)}}
+  params = {m: {k: rs.randn(*s).astype(np.float32) for k, s in v.items()}
+            for m, v in shapes.items()}
+  grads = [{m: {k: rs.randn(*s).astype(np.float32) for k, s in v.items()}
+            for m, v in shapes.items()} for _ in range(num_steps)]
+  names = [(m, k) for m in shapes for k in shapes[m]]
+  torch_params = {n: torch.tensor(params[n[0]][n[1]], requires_grad=True) for n in names}
+  adam = torch.optim.Adam(list(torch_params.values()), lr=config.base_lr,
+                          weight_decay=config.weight_decay)
+  scheduler = torch.optim.lr_scheduler.MultiStepLR(adam, list(config.milestones), config.gamma)
+
+  optimizer = optim.create_optimizer(config, num_steps)
+  schedules = optim.learning_rates(config, num_steps)
+  jax_params = {m: {k: jnp.asarray(v) for k, v in d.items()} for m, d in params.items()}
+  state = optimizer.init(jax_params)
+  for step in range(num_steps):
+    assert float(schedules['backbone'](step)) == pytest.approx(adam.param_groups[0]['lr'],
+                                                                rel=1e-6)
+    for name in names:
+      torch_params[name].grad = torch.tensor(grads[step][name[0]][name[1]])
+    adam.step()
+    scheduler.step()
+    updates, state = optimizer.update(grads[step], state, jax_params)
+    jax_params = optax.apply_updates(jax_params, updates)
+    for name in names:
+      np.testing.assert_allclose(jax_params[name[0]][name[1]],
+                                 torch_params[name].detach().numpy(), rtol=1e-6, atol=1e-7)
+  assert adam.param_groups[0]['lr'] == pytest.approx(config.base_lr * 0.01)
