@@ -75,8 +75,8 @@ def validate(config) -> None:
            f'must be one of {BATCH_DTYPES}')
   _require(isinstance(data.worker_count, int) and data.worker_count >= -1, 'data.worker_count',
            data.worker_count, 'must be -1 (by the cores), 0 (threads) or a number of processes')
-  _require(data.augment.recipe in RECIPES, 'data.augment.recipe', data.augment.recipe,
-           f'must be one of {sorted(RECIPES)}')
+  _require(data.augment.recipe in RECIPES or config.task == 'refinement', 'data.augment.recipe',
+           data.augment.recipe, f'must be one of {sorted(RECIPES)}')
   _require(model.backbone in BACKBONES, 'model.backbone', model.backbone,
            f'must be one of {sorted(BACKBONES)}')
   _require(model.output_stride in (8, 16, 32), 'model.output_stride', model.output_stride,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import builders, meta, registry, synthetic
+from pspnet_jax.data import builders, masks, meta, registry, synthetic
 
 COUNTS = {'ade20k': 150, 'cityscapes': 19, 'voc2012': 21, 'synthetic': 7}
 
@@ -103,9 +103,17 @@ def test_every_dataset_has_a_builder_and_matching_names_and_palette(name):
   if dataset.class_names is None:  # the folder: its own classes.txt
     assert dataset.palette is None and dataset.config_file is None
     return
-  assert dataset.class_names == meta.class_names(name) and len(dataset.class_names) == COUNTS[name]
   assert dataset.palette.shape == (dataset.num_classes, 3)
   config = dataset_config(dataset)
+  if dataset.config_file == 'configs/cascadepsp.py':
+    # CascadePSP's mask datasets: one config (its data.name the official training mix), two
+    # classes, any of them selected by data.name.
+    assert dataset.class_names == masks.CLASS_NAMES == ('background', 'foreground')
+    assert config.task == 'refinement' and config.data.num_classes == 2
+    config.data.name = name
+    assert registry.class_names(config) == dataset.class_names
+    return
+  assert dataset.class_names == meta.class_names(name) and len(dataset.class_names) == COUNTS[name]
   assert config.data.name == name
   assert registry.class_names(config) == dataset.class_names
   np.testing.assert_array_equal(registry.palette(config), meta.palette(name))
@@ -118,8 +126,9 @@ def test_tfds_names_and_official_sizes():
   assert sizes == {'ade20k': {'train': 20210, 'validation': 2000},
                    'cityscapes': {'train': 2975, 'validation': 500},
                    'voc2012': {'train': 10582, 'validation': 1449}}
-  # Only the synthetic dataset is generated; the others are validated builds from files.
-  assert [d.name for d in registry.DATASETS.values() if d.generated] == ['synthetic']
+  # Only the synthetic datasets are generated; the others are validated builds from files.
+  assert [d.name for d in registry.DATASETS.values() if d.generated] == ['synthetic',
+                                                                          'synthetic_masks']
   assert all(issubclass(d.builder, builders.ValidatingBuilder)
              for d in registry.DATASETS.values() if not d.generated)
 

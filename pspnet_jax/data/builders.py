@@ -289,6 +289,11 @@ class ValidatingBuilder(LocalBuild, tfds.core.GeneratorBasedBuilder, skip_regist
     """Label file values -> training labels; the identity unless the dataset needs one."""
     return label
 
+  def _read_pair(self, pair: Pair) -> tuple[dict, np.ndarray]:
+    """(the TFDS example of `pair`, its class map for the report's pixel counts); raises
+    InvalidExample or labels.LabelError for a pair to skip."""
+    return read_example(pair, self._remap, len(self._class_names))
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -320,7 +325,7 @@ class ValidatingBuilder(LocalBuild, tfds.core.GeneratorBasedBuilder, skip_regist
     pixels = np.zeros(256, np.int64)
     for pair in pairs:
       try:
-        example, label = read_example(pair, self._remap, len(self._class_names))
+        example, label = self._read_pair(pair)
       except (InvalidExample, labels.LabelError) as error:
         if self.strict:
           raise BuildError(f'{pair.name}: {error} (strict: the build stops at the first bad '

@@ -16,7 +16,13 @@ batches and the evaluation step compiles once. `eval_examples` gives the
 same slices at the original size, for the official protocol (`evaluation`).
 
 Examples are dicts {'image': HxWx3 uint8 RGB, 'label': HxWx1 uint8,
-'file_name': text}, the layout all our builders write.
+'file_name': text}, the layout all our segmentation builders write. The mask
+datasets of CascadePSP's refinement (config.task='refinement', `masks`) have
+{'image', 'mask': HxWx1 uint8 ground truth 0..255, 'input_mask': HxWx1 uint8
+coarse mask, 'file_name'}; their training rows are {'image', 'mask' (the input
+mask the official boundary perturbation makes afresh from the ground truth for
+every row), 'gt'} and their evaluation examples {'image', 'gt', 'input_mask',
+'file_name'}.
 """
 
 import os
@@ -26,7 +32,7 @@ import grain
 import jax
 import numpy as np
 
-from pspnet_jax.data import labels, registry, transforms
+from pspnet_jax.data import labels, masks, registry, transforms
 from pspnet_jax.errors import MissingFile, UserError
 
 # Batches prepared ahead of the step, each by its own thread (Grain's default of
@@ -59,6 +65,9 @@ def worker_count(config) -> int:
 
 def train_batch_dtypes(config) -> dict:
   """The numpy dtypes of a training batch's arrays as they leave the host (`train_batches`)."""
+  if config.task == 'refinement':
+    return {'image': np.dtype(config.data.batch_dtype), 'mask': np.dtype(np.uint8),
+            'gt': np.dtype(np.uint8)}
   return {'image': np.dtype(config.data.batch_dtype), 'label': np.dtype(np.uint8)}
 
 
@@ -79,7 +88,7 @@ def load_split(config, split: str):
     data_dir = config.data.data_dir
     data_dir_flag = f' --data_dir={data_dir}' if data_dir else ''
     # A folder dataset is named after its folder; the official ones after their release.
-    source = config.data.folder_dir if dataset.name == 'folder' else 'SOURCE_FOLDER'
+    source = config.data.folder_dir if dataset.per_folder else 'SOURCE_FOLDER'
     raise MissingFile(
         f'dataset {dataset.name!r} (TFDS name {dataset.tfds_name!r}) is not built in data dir '
         f'{data_dir or "the TFDS default (~/tensorflow_datasets)"}; set config.data.data_dir '
@@ -118,6 +127,32 @@ class DecodeAndCheck(grain.transforms.Map):
                        f'expected HxWx3 and HxW')
     labels.check(file_name, image.shape, label, self.num_classes, self.ignore_label)
     return {'image': image, 'label': label.astype(np.uint8), 'file_name': file_name}
+
+
+class DecodeMasks(grain.transforms.Map):
+  """A mask dataset's example -> {'image' uint8 HxWx3, 'gt' uint8 HxW, 'input_mask' uint8 HxW,
+  'file_name' str}, the three of one size (the builders checked that; a dataset written by
+  another version or by hand is checked again here)."""
+
+  def map(self, example):
+    file_name = example['file_name']
+    if isinstance(file_name, bytes):
+      file_name = file_name.decode()
+    image = np.asarray(example['image'])
+    gt, given = (np.asarray(example[key]).reshape(np.shape(example[key])[:2])
+                 for key in ('mask', 'input_mask'))
+    if image.ndim != 3 or image.shape[-1] != 3 or gt.shape != image.shape[:2] or (
+        given.shape != gt.shape):
+      raise UserError(f'{file_name}: image {image.shape}, mask {gt.shape} and input mask '
+                      f'{given.shape} do not fit together (HxWx3, HxW, HxW)')
+    return {'image': image, 'gt': gt, 'input_mask': given, 'file_name': file_name}
+
+
+def decoder(config):
+  """The check-and-decode map of config.task's examples."""
+  if config.task == 'refinement':
+    return DecodeMasks()
+  return DecodeAndCheck(config.data.num_classes, config.data.ignore_label)
 
 
 def _processes(process_index, process_count):
@@ -176,18 +211,30 @@ class ProcessRows:
 
   def __init__(self, config, source, order: GlobalOrder, rows: range):
     self.config, self.source, self.order, self.rows = config, source, order, rows
-    self.check = DecodeAndCheck(config.data.num_classes, config.data.ignore_label)
+    self.check = decoder(config)
+
+  def _row(self, example: dict, rng: np.random.Generator) -> dict:
+    if self.config.task == 'refinement':
+      image, given, gt = masks.refinement_augment(example['image'], example['gt'], rng,
+                                                  self.config.data.augment,
+                                                  self.config.data.crop_size)
+      data = self.config.data
+      # The crop's padding is black RGB (torchvision's RandomCrop fill 0), normalized like the
+      # rest of the image.
+      if data.batch_dtype != 'uint8':
+        image = transforms.normalize(image.astype(np.float32), data.mean, data.std)
+      return {'image': image, 'mask': given, 'gt': gt}
+    image, label = transforms.train_augment(example['image'], example['label'], rng,
+                                            self.config)
+    return {'image': image, 'label': label}
 
   def __call__(self, step: int) -> dict:
-    images, labels = [], []
+    rows = []
     for row, record in zip(self.rows, self.order.records(step, self.rows)):
       example = self.check.map(self.source[int(record)])
       rng = np.random.default_rng([self.config.seed, _AUGMENT_STREAM, step, row])
-      image, label = transforms.train_augment(example['image'], example['label'], rng,
-                                              self.config)
-      images.append(image)
-      labels.append(label)
-    return {'image': np.stack(images), 'label': np.stack(labels)}
+      rows.append(self._row(example, rng))
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def train_batches(config, first_step: int, num_steps: int, *, process_index: int | None = None,
@@ -238,7 +285,7 @@ def eval_examples(config, split: str, *, process_index: int | None = None,
   per_process = -(-len(source) // process_count)
   start = min(len(source), process_index * per_process)
   stop = min(len(source), start + per_process)
-  check = DecodeAndCheck(config.data.num_classes, config.data.ignore_label)
+  check = decoder(config)
   examples = ((index, check.map(source[index])) for index in range(start, stop))
   return examples, stop - start, len(source)
 

@@ -6,6 +6,8 @@
   python -m pspnet_jax.data.prepare --dataset=voc2012 --manual_dir=VOC_ROOT   # train_aug + val
       (--dataset=voc_aug, the set's usual name, is the same)
   python -m pspnet_jax.data.prepare --dataset=folder --manual_dir=MY_FOLDER [--data_dir=...]
+  python -m pspnet_jax.data.prepare --dataset=cascadepsp_mix --manual_dir=CascadePSP/data
+  python -m pspnet_jax.data.prepare --dataset=mask_folder --manual_dir=MY_MASKS  # e.g. BIG
 
 Prints where the dataset went, the build report (also saved as
 build_report.json next to it) and the config flags that train on it (for a
@@ -41,7 +43,9 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'ade20k: the unpacked ADEChallengeData2016 folder; cityscapes: the '
     'folder holding leftImg8bit/ and gtFine/; voc2012: the folder holding VOCdevkit/ (and '
     'benchmark_RELEASE/ unless VOCdevkit/VOC2012/SegmentationClassAug/ is used); folder: your '
-    'folder (classes.txt, images/, labels/).')
+    'folder (classes.txt, images/, labels/); cascadepsp_mix: the folder of DUTS-TR/, DUTS-TE/, '
+    'ecssd/, MSRA_10K/, DUT-OMRON/, fss/ (CascadePSP\'s data/); mask_folder: your folder of '
+    'train/, validation/, test/ with <stem>_im.jpg, <stem>_gt.png, optional <stem>_seg.png.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'TFDS data dir to build into (default: ~/tensorflow_datasets).')
 _STRICT = flags.DEFINE_bool('strict', False, 'Fail at the first bad example instead of skipping.')

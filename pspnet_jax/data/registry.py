@@ -11,6 +11,10 @@ module, its names in `meta`, one entry here and a one-line `configs/<name>.py`.
 A folder dataset (`folder`) brings its own class names: `class_names(config)`
 reads them from its build report, which keeps them after the source folder is
 gone, or else from the folder's classes.txt.
+
+The CascadePSP datasets (`masks`: cascadepsp_mix, mask_folder, synthetic_masks)
+hold binary masks, classes background and foreground, and share
+configs/cascadepsp.py.
 """
 
 import dataclasses
@@ -19,7 +23,7 @@ import shlex
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pspnet_jax.data import ade20k, builders, cityscapes, folder, meta, synthetic, voc_aug
+from pspnet_jax.data import ade20k, builders, cityscapes, folder, masks, meta, synthetic, voc_aug
 from pspnet_jax.errors import UserError
 
 
@@ -50,6 +54,8 @@ class Dataset:
   config_file: str | None
   # Other names `python -m pspnet_jax.data.prepare --dataset=` accepts for it.
   aliases: tuple[str, ...] = ()
+  # True: built per config.data.folder_dir (one TFDS BuilderConfig per folder).
+  per_folder: bool = False
 
   @property
   def tfds_name(self) -> str:
@@ -82,6 +88,12 @@ def _named(name: str, builder, recipe: Recipe | None, config_file: str,
                  config_file, aliases)
 
 
+def _masks(name: str, builder, per_folder: bool = False) -> Dataset:
+  """An entry of a CascadePSP mask dataset (`masks`)."""
+  return Dataset(name, builder, masks.CLASS_NAMES, _read_only(masks.PALETTE.copy()), None,
+                 'configs/cascadepsp.py', per_folder=per_folder)
+
+
 DATASETS = {dataset.name: dataset for dataset in (
     _named('synthetic', synthetic.SyntheticContext, None, 'configs/demo.py'),
     _named('ade20k', ade20k.Ade20kSemseg, Recipe(crop_size=473, num_epochs=100,
@@ -93,7 +105,10 @@ DATASETS = {dataset.name: dataset for dataset in (
                                                     eval_base_size=512), 'configs/voc2012.py',
            aliases=('voc_aug',)),
     Dataset('folder', folder.FolderSemseg, class_names=None, palette=None, recipe=None,
-            config_file=None),
+            config_file=None, per_folder=True),
+    _masks('cascadepsp_mix', masks.CascadepspMix),
+    _masks('mask_folder', masks.MaskFolder, per_folder=True),
+    _masks('synthetic_masks', masks.SyntheticMasks),
 )}
 # Another name -> config.data.name.
 ALIASES = {alias: dataset.name for dataset in DATASETS.values() for alias in dataset.aliases}
@@ -173,13 +188,16 @@ def training_flags(config, num_classes: int, *, num_train: int | None = None,
   sizes that fit them on `num_devices` devices (`small_set_batch_sizes`).
   """
   dataset = get(config.data.name)
-  if dataset.config_file:
-    arguments = [f'--config={dataset.config_file}']
-  else:
-    # The schema's defaults (semseg's recipe, crop 473) with the folder as the dataset.
-    arguments = ['--config=configs/default.py', f'--config.data.name={dataset.name}',
-              f'--config.data.folder_dir={config.data.folder_dir}',
-              f'--config.data.num_classes={num_classes}']
+  # Without a config file: the schema's defaults (semseg's recipe, crop 473).
+  config_file = dataset.config_file or 'configs/default.py'
+  arguments = [f'--config={config_file}']
+  # A dataset's own config file trains on it; a shared one (or the schema) is told which.
+  if config_file != f'configs/{dataset.name}.py':
+    arguments.append(f'--config.data.name={dataset.name}')
+  if dataset.per_folder:
+    arguments.append(f'--config.data.folder_dir={config.data.folder_dir}')
+  if dataset.class_names is None:
+    arguments.append(f'--config.data.num_classes={num_classes}')
   if config.data.data_dir:
     arguments.append(f'--config.data.data_dir={config.data.data_dir}')
   if num_train is not None:

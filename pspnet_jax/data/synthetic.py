@@ -65,7 +65,7 @@ _VEHICLE_COLOURS = ((215.0, 55.0, 45.0), (235.0, 195.0, 60.0), (235.0, 235.0, 23
 _PIXEL_NOISE = 5.0
 
 
-def _smooth_noise(rng, height, width, cells):
+def smooth_noise(rng, height, width, cells):
   """Low-frequency texture in about [-1, 1]: a coarse random grid, bilinearly upsampled."""
   grid = rng.uniform(-1.0, 1.0, (cells, cells)).astype(np.float32)
   return cv2.resize(grid, (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
@@ -138,15 +138,15 @@ def render_example(rng: np.random.Generator, height: int, width: int, *,
 
   image = np.empty((height, width, 3), np.float32)
   label = np.zeros((height, width), np.uint8)
-  image[:] = (np.asarray(_GROUND) + 18.0 * _smooth_noise(ground_rng, height, width, 6)
-              + 6.0 * _smooth_noise(ground_rng, height, width, 12))
+  image[:] = (np.asarray(_GROUND) + 18.0 * smooth_noise(ground_rng, height, width, 6)
+              + 6.0 * smooth_noise(ground_rng, height, width, 12))
 
   thickness = max(2, int(band_fraction * side))
   band = depth < thickness
   if scene == 'harbour':
     period = band_rng.uniform(3.0, 6.0)
     ripples = np.sin(2 * np.pi * depth / period + band_rng.uniform(0, 2 * np.pi))[..., None]
-    colour = np.asarray(_WATER) + 20.0 * ripples + 10.0 * _smooth_noise(band_rng, height, width, 8)
+    colour = np.asarray(_WATER) + 20.0 * ripples + 10.0 * smooth_noise(band_rng, height, width, 8)
   else:
     colour = np.broadcast_to(np.asarray(_ROAD) + 12.0 * band_rng.standard_normal(
         (height, width, 1)), (height, width, 3)).copy()
@@ -171,7 +171,7 @@ def render_example(rng: np.random.Generator, height: int, width: int, *,
     for _ in range(int(tree_rng.integers(3, 6))):
       offset = tree_rng.integers(-radius, radius + 1, size=2)
       cv2.circle(mask, (cx + int(offset[0]), cy + int(offset[1])), radius, 1, thickness=-1)
-    colour = np.asarray(_TREE) + 30.0 * _smooth_noise(tree_rng, height, width, 16)
+    colour = np.asarray(_TREE) + 30.0 * smooth_noise(tree_rng, height, width, 16)
     _paint(image, label, mask, 5, colour.astype(np.float32))
 
   region = _far_part(edge, height, width)
