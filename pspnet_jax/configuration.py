@@ -14,12 +14,11 @@ from pspnet_jax.inference import PROTOCOLS
 from pspnet_jax.losses import LOSS_NORMALIZERS
 from pspnet_jax.models import DTYPES
 from pspnet_jax.models.layers import PRECISIONS
+from pspnet_jax.models.cascadepsp import REFINEMENT_BACKBONES
 from pspnet_jax.models.resnet import BACKBONES, REMAT_POLICIES
 from pspnet_jax.optim import LR_SCALINGS, OPTIMIZERS, SCHEDULES
+from pspnet_jax.refinement import MIN_LOCAL_L
 from pspnet_jax.weights import PRETRAINED_FORMATS
-
-# The refinement module's backbones (models/cascadepsp.py; the official one is resnet50).
-REFINEMENT_BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 
 
 # configs/ beside pspnet_jax/: config files given relative to the repository resolve from any
@@ -162,15 +161,20 @@ def _validate_refinement(config) -> None:
            'must be 2 (background, foreground) for refinement')
   _require(config.model.backbone in REFINEMENT_BACKBONES, 'model.backbone',
            config.model.backbone, f'must be one of {REFINEMENT_BACKBONES} for refinement')
+  widths = config.model.refine_widths
+  _require(len(widths) == 4 and all(isinstance(w, int) and w >= 1 for w in widths),
+           'model.refine_widths', widths, 'must be four positive integers')
   _require(not config.eval.at_end_of_training, 'eval.at_end_of_training',
            config.eval.at_end_of_training, 'must be False for refinement (its evaluation is the '
            'refinement of data.eval_split at every train.eval_every)')
   _require(config.data.augment.recipe == 'cascadepsp', 'data.augment.recipe',
            config.data.augment.recipe, "must be 'cascadepsp' for refinement")
+  _require(config.data.crop_size % 8 == 0, 'data.crop_size', config.data.crop_size,
+           'must be a multiple of 8 for the refinement module')
   refine = config.refine
-  _require(isinstance(refine.L, int) and refine.L >= 64, 'refine.L', refine.L,
-           'must be an integer >= 64 (the local step trims 16-pixel borders of L x L patches '
-           'that advance by L // 2 - 32)')
+  _require(isinstance(refine.L, int) and refine.L >= MIN_LOCAL_L, 'refine.L', refine.L,
+           f'must be an integer >= {MIN_LOCAL_L} (the local step advances its L x L patches by '
+           'L // 2 - 32 pixels)')
   _require(isinstance(refine.batch_size, int) and refine.batch_size >= 0, 'refine.batch_size',
            refine.batch_size, 'must be 0 (the device count) or a positive integer')
   loss = config.loss

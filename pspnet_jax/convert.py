@@ -10,6 +10,8 @@
       --import_path=pspnet_r50-d8_512x512_160k_ade20k.pth --format=mmseg
   python -m pspnet_jax.convert --config=configs/ade20k.py:arch=mmseg --workdir=DIR \\
       --export_path=pspnet_r50-d8_ade20k.pth --format=mmseg [--step=N] [--overwrite]
+  python -m pspnet_jax.convert --config=configs/cascadepsp.py --workdir=DIR \\
+      --import_path=model --format=cascadepsp
 
 An import becomes checkpoint 0 of an empty workdir (training then starts from
 those weights with a fresh optimizer); a file that cannot be read fails with
@@ -20,7 +22,9 @@ its name only once complete, and an existing file is replaced only with
 checkpoints (`mmseg`: model-zoo files, bare state_dicts and training
 checkpoints in; out `{'meta', 'state_dict'}`, which mmseg's `load_checkpoint`
 loads with strict keys) need the config variant `arch=mmseg`, whose ImageNet
-backbone format is `model.pretrained_format=mmseg-resnet` (ResNetV1c). The
+backbone format is `model.pretrained_format=mmseg-resnet` (ResNetV1c). CascadePSP's
+refinement module (`cascadepsp`, configs with `task='refinement'`) reads and writes
+the released file, named just `model` (so `--format` is needed). The
 deployable formats (`pspnet_jax.deploy`: jax, onnx, savedmodel, tflite) write the eval-mode
 forward, input `images` float32 NHWC normalized RGB, output `logits` float32
 NHWC at the input size, at a fixed H x W (`--export_size`, default the
@@ -43,7 +47,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_colle
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory whose checkpoints are read/written.')
 _IMPORT = flags.DEFINE_string('import_path', None, 'Weights file to import as checkpoint 0.')
 _EXPORT = flags.DEFINE_string('export_path', None, 'File to write the checkpoint to.')
-_EXPORT_FORMATS = (*weights.EXPORT_FORMATS, *deploy.EXPORT_FORMATS)
+_EXPORT_FORMATS = tuple(dict.fromkeys((*weights.EXPORT_FORMATS, *weights.REFINEMENT_EXPORT_FORMATS,
+                                      *deploy.EXPORT_FORMATS)))
 _FORMAT = flags.DEFINE_string('format', None, f'import: {weights.IMPORT_FORMATS}; export: '
                               f'{_EXPORT_FORMATS}. Default: from the extension (.pth: semseg).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export (default: the latest).')
@@ -102,6 +107,8 @@ def convert(config, fmt: str) -> None:
       raise app.UsageError(f'--format={fmt} cannot be exported; use one of '
                            f'{_EXPORT_FORMATS}')
     if fmt in deploy.EXPORT_FORMATS:
+      # The deployable graphs are PSPNet's (images in, logits out).
+      weights.check_task(config, fmt, _EXPORT.value)
       step = deploy.export_model(config, _WORKDIR.value, _EXPORT.value, fmt,
                                  _STEP.value, size=_export_size(),
                                  float16_weights=_FLOAT16_WEIGHTS.value,

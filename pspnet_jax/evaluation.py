@@ -74,7 +74,7 @@ def image_confusion(class_map: np.ndarray, label: np.ndarray, num_classes: int,
   return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _sum_over_processes(confusion: np.ndarray) -> np.ndarray:
+def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return confusion
   return np.asarray(multihost_utils.process_allgather(confusion)).sum(axis=0)
@@ -117,7 +117,7 @@ def evaluate_split(predictor: inference.Predictor, config, split: str | None = N
       logging.info('evaluating %s: %d/%d images of this process (%d in the split), %.2f '
                    'images/s, ETA %.0f s', split, done, share, total, rate, (share - done) / rate)
       last_report = now
-  confusion = _sum_over_processes(confusion)
+  confusion = sum_over_processes(confusion)
   results = metrics.segmentation_metrics(confusion)
   return {**results, 'confusion': confusion, 'num_images': total,
           'seconds': time.perf_counter() - start}

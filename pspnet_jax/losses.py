@@ -84,17 +84,18 @@ def refinement_loss(outputs: dict, gt: jax.Array, *, ce_weights, l1_weights, l2_
   Sobel magnitudes of gt and pred_224. Returns (total, {'ce_loss', 'l1_loss', 'l2_loss',
   'grad_loss'}) with the weighted sums of each kind.
   """
-  gt = gt.astype(jnp.float32)
-  hard = (gt > 0.5).astype(jnp.float32)
+  dtype = accumulation_dtype(outputs['out_224'].dtype)   # float32, float64 for float64
+  gt = gt.astype(dtype)
+  hard = (gt > 0.5).astype(dtype)
   parts = {'ce_loss': 0.0, 'l1_loss': 0.0, 'l2_loss': 0.0}
   for index, name in enumerate(REFINEMENT_OUTPUTS):
-    logits = outputs[f'out_{name}'].astype(jnp.float32)
-    pred = outputs[f'pred_{name}'].astype(jnp.float32)
+    logits = outputs[f'out_{name}'].astype(dtype)
+    pred = outputs[f'pred_{name}'].astype(dtype)
     parts['ce_loss'] += ce_weights[index] * _binary_cross_entropy_with_logits(logits, hard)
     parts['l1_loss'] += l1_weights[index] * jnp.mean(jnp.abs(pred - gt))
     parts['l2_loss'] += l2_weights[index] * jnp.mean(jnp.square(pred - gt))
   parts['grad_loss'] = jnp.mean(jnp.abs(sobel_magnitude(gt) - sobel_magnitude(
-      outputs['pred_224'].astype(jnp.float32))))
+      outputs['pred_224'].astype(dtype))))
   total = parts['ce_loss'] + parts['l1_loss'] + parts['l2_loss'] + grad_weight * parts[
       'grad_loss']
   return total, parts

@@ -41,7 +41,7 @@ from etils import epath
 from flax import nnx
 
 from pspnet_jax import (checkpoint, configuration, evaluation, inference, losses, optim,
-                        run_lock, sharding, train_state, writers)
+                        refinement_training, run_lock, sharding, train_state, writers)
 from pspnet_jax.data import pipeline, registry, transforms
 from pspnet_jax.errors import UserError
 from pspnet_jax.stop_request import StopRequest
@@ -95,27 +95,36 @@ def device_images(images: jax.Array, mean, std) -> jax.Array:
       std, jnp.float32)
 
 
+def segmentation_objective(model, images: jax.Array, batch: dict, *, aux_weight: float,
+                           ignore_label: int, loss_normalizer: str = 'valid'):
+  """PSPNet's loss on a batch with 'label' NHW (uint8 or int32): (loss, metrics of the step)."""
+  labels = batch['label'].astype(jnp.int32)
+  logits, aux_logits = model(images, return_aux=True)
+  loss, parts = losses.pspnet_loss(logits, aux_logits, labels, aux_weight=aux_weight,
+                                   ignore_label=ignore_label, normalizer=loss_normalizer)
+  valid = labels != ignore_label
+  correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+  return loss, {**parts, 'pixel_acc': correct / jnp.maximum(jnp.sum(valid), 1)}
+
+
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: dict,
-               aux_weight: float, ignore_label: int, seed: int, mean, std,
-               loss_normalizer: str = 'valid'):
-  """One SGD step on a (global) batch {'image' NHWC uint8 RGB or normalized float32, 'label'
-  NHW uint8 or int32}.
+               seed: int, mean, std, objective):
+  """One optimizer step on a (global) batch whose 'image' is NHWC uint8 RGB or normalized
+  float32; `objective(model, images, batch)` gives (loss, metrics) of the train-mode model
+  (`segmentation_objective`, `refinement_training.objective`).
 
   Returns (new state, metrics of this step as scalars).
   """
   images = device_images(batch['image'], mean, std)
-  labels = batch['label'].astype(jnp.int32)
 
   def loss_fn(params):
     # copy=True: fresh Variables at this trace level (NNX refuses to mutate ones from outside).
     model = nnx.merge(graphdef, params, state.batch_stats, state.rngs, copy=True)
     nnx.reseed(model, default=jax.random.fold_in(jax.random.key(seed), state.step))
-    logits, aux_logits = model(images, return_aux=True)
-    loss, parts = losses.pspnet_loss(logits, aux_logits, labels, aux_weight=aux_weight,
-                                     ignore_label=ignore_label, normalizer=loss_normalizer)
-    return loss, (parts, logits, nnx.state(model, nnx.BatchStat))
+    loss, step_metrics = objective(model, images, batch)
+    return loss, (step_metrics, nnx.state(model, nnx.BatchStat))
 
-  (loss, (parts, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (step_metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -130,13 +139,19 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, learning_rates: 
       batch_stats=keep_if_finite(batch_stats, state.batch_stats),
       opt_state=keep_if_finite(opt_state, state.opt_state))
 
-  valid = labels != ignore_label
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
-  step_metrics = {'loss': loss, **parts, 'finite': finite,
-                  'pixel_acc': correct / jnp.maximum(jnp.sum(valid), 1)}
+  step_metrics = {'loss': loss, **step_metrics, 'finite': finite}
   for group, schedule in learning_rates.items():
     step_metrics[f'lr_{group}'] = schedule(state.applied_steps)
   return new_state, step_metrics
+
+
+def objective_of(config):
+  """The task's `objective` for `train_step` (config.task)."""
+  if config.task == 'refinement':
+    return refinement_training.objective_of(config)
+  return functools.partial(segmentation_objective, aux_weight=config.model.aux_weight,
+                           ignore_label=config.data.ignore_label,
+                           loss_normalizer=config.model.loss_normalizer)
 
 
 def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
@@ -144,12 +159,20 @@ def jit_train_step(mesh, *, graphdef, tx, config, num_steps: int):
   step_fn = functools.partial(
       train_step, graphdef=graphdef, tx=tx,
       learning_rates=optim.learning_rates(config.optim, num_steps, config.train.batch_size),
-      aux_weight=config.model.aux_weight, ignore_label=config.data.ignore_label,
-      loss_normalizer=config.model.loss_normalizer, seed=config.seed,
-      mean=tuple(config.data.mean), std=tuple(config.data.std))
+      seed=config.seed, mean=tuple(config.data.mean), std=tuple(config.data.std),
+      objective=objective_of(config))
   return jax.jit(step_fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
                  donate_argnums=0)
+
+
+def periodic_evaluator(config, mesh, eval_graphdef):
+  """variables -> the metrics of the check every train.eval_every steps (config.task's):
+  `evaluation.evaluate`, or `refinement_training.evaluate` for refinement."""
+  if config.task == 'refinement':
+    return functools.partial(refinement_training.evaluate, graphdef=eval_graphdef, config=config)
+  eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
+  return lambda variables: evaluation.evaluate(eval_fn, variables, config, mesh)
 
 
 def abstract_batch(config, mesh, batch_size: int, dtypes: dict) -> dict:
@@ -158,10 +181,10 @@ def abstract_batch(config, mesh, batch_size: int, dtypes: dict) -> dict:
   lowering a step ahead of time."""
   crop = transforms.crop_shape(config.data)
   batch_sharded = sharding.batch_sharded(mesh)
-  return {'image': jax.ShapeDtypeStruct((batch_size, *crop, 3), dtypes['image'],
-                                        sharding=batch_sharded),
-          'label': jax.ShapeDtypeStruct((batch_size, *crop), dtypes['label'],
-                                        sharding=batch_sharded)}
+  # 'image' is RGB; the label and the masks of a refinement batch are single-channel.
+  return {key: jax.ShapeDtypeStruct((batch_size, *crop, *((3,) if key == 'image' else ())),
+                                    dtype, sharding=batch_sharded)
+          for key, dtype in dtypes.items()}
 
 
 def compiled_costs(compiled) -> dict:
@@ -338,8 +361,7 @@ def _complete_finished_run(config, workdir: str, mesh, eval_graphdef, state: Tra
     writer = writers.create_writer(workdir)
     try:
       if last is None:
-        eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
-        last = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        last = periodic_evaluator(config, mesh, eval_graphdef)(train_state.model_variables(state))
         writers.write_eval(writer, step, last, names, table=True)
       if needs_protocol:
         _final_evaluation(config, workdir, mesh, eval_graphdef, state, writer, names)
@@ -419,7 +441,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
   logging.info('train step compiled in %.1f s; %d examples per process per step',
                time.perf_counter() - compile_start, local_rows)
   _log_compiled(compiled_step, config, mesh, state)
-  eval_fn = evaluation.jit_eval_step(mesh, graphdef=eval_graphdef, config=config)
+  evaluate = periodic_evaluator(config, mesh, eval_graphdef)
 
   writer = writers.create_writer(workdir)
   step = int(state.step)
@@ -499,11 +521,13 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
         pending = None
         elapsed = time.perf_counter() - window_start
         finite = [values for values in window if values['finite']]
+        # The task's step metrics, averaged over the finite steps, and the last step's rates.
+        averaged = [key for key in window[-1] if key != 'finite' and not key.startswith('lr_')]
         row = {f'train/{key}': float(np.mean([values[key] for values in finite]))
-               for key in ('loss', 'main_loss', 'aux_loss', 'pixel_acc')} if finite else {}
-        row.update({'train/lr_backbone': float(window[-1]['lr_backbone']),
-                    'train/lr_head': float(window[-1]['lr_head']),
-                    'train/steps_per_sec': len(window) / elapsed,
+               for key in averaged} if finite else {}
+        row.update({f'train/{key}': float(value) for key, value in window[-1].items()
+                    if key.startswith('lr_')})
+        row.update({'train/steps_per_sec': len(window) / elapsed,
                     'train/images_per_sec': len(window) * config.train.batch_size / elapsed,
                     # Near 1: input-bound (more data.worker_count); near 0: compute-bound.
                     'train/data_wait_fraction': data_wait / elapsed,
@@ -523,7 +547,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, allowed_config_
       eval_now = step == num_steps or (config.train.eval_every > 0 and
                                        step % config.train.eval_every == 0)
       if eval_now:
-        results = evaluation.evaluate(eval_fn, train_state.model_variables(state), config, mesh)
+        results = evaluate(train_state.model_variables(state))
         writers.write_eval(writer, step, results, names, table=step == num_steps)
         save(step, {checkpoint.BEST_METRIC: results['mIoU']})
       elif step % config.train.checkpoint_every == 0:

@@ -38,6 +38,14 @@ plain-data part of the file's `meta` (its `dataset_meta`, ...) is kept and
 written back by an export, in mmseg's key order with every BatchNorm's
 `num_batches_tracked`. `mmseg-resnet` is the ImageNet ResNetV1c of
 `open-mmlab://resnet50_v1c` (keys `stem.N`, `layerN`, `fc`).
+
+CascadePSP (`cascadepsp`): the released refinement module (a file named just
+`model`: the bare state_dict of a DataParallel model, keys `module.feats...`)
+for configs with `task='refinement'`; an export writes that layout back, in the
+official key order. Its ImageNet start is torchvision's ResNet-50, whose 3-channel
+conv1 gets zeros for the 3 mask channels, as the official training loads it.
+A file of the other model (a PSPNet given as cascadepsp, or the other way
+round) is refused in one line that names the format and config it needs.
 """
 
 import collections
@@ -48,6 +56,7 @@ import os
 import pickle
 import re
 import tempfile
+from typing import NamedTuple
 import uuid
 
 from absl import logging
@@ -79,6 +88,19 @@ _SEMSEG_RENAMES = [
 ]
 # An ImageNet ResNet (semseg's resnet50_v2.pth or torchvision's): the stem is at the top level.
 _RESNET_RENAMES = [(r'^layer0\.', ''), *_DOWNSAMPLE]
+# CascadePSP's refinement module (models/cascadepsp.py): `feats` is a ResNet with torchvision's
+# names (the stem's conv1 and bn1 at its top); each pyramid stage is
+# Sequential(AdaptiveAvgPool2d, conv); PSPUpsample's conv and conv2 are Sequential(BN, ReLU,
+# conv, BN, ReLU, conv) and final_28 / final_56 Sequential(conv, ReLU, conv).
+_CASCADEPSP_RENAMES = [
+    (r'^feats\.layer0\.', 'feats.'), *_DOWNSAMPLE,
+    (r'^psp\.stages\.(\d+)\.', r'psp.stages.\1.1.'),
+    (r'^(up_\d\.conv2?)\.bn1\.', r'\1.0.'), (r'^(up_\d\.conv2?)\.conv1\.', r'\1.2.'),
+    (r'^(up_\d\.conv2?)\.bn2\.', r'\1.3.'), (r'^(up_\d\.conv2?)\.conv2\.', r'\1.5.'),
+    (r'^(final_\d+)\.hidden\.', r'\1.0.'), (r'^(final_\d+)\.classifier\.', r'\1.2.'),
+]
+# Where a backbone file's ResNet sits in our models: at the top of a PSPNet, `feats` of the RM.
+_CASCADEPSP_BACKBONE_RENAMES = [(r'^feats\.', ''), *_RESNET_RENAMES]
 # mmsegmentation's EncoderDecoder, applied after the semseg renames (mmseg-pspnet.md, "Key
 # mapping"): ResNetV1c's stem Sequential keeps semseg's indices, PPM branches and heads are
 # ConvModules (conv, bn), and the classifiers are the heads' conv_seg.
@@ -94,7 +116,6 @@ _MMSEG_RENAMES = [
 ]
 # An ImageNet ResNetV1c (open-mmlab://resnet50_v1c): semseg's layer0 Sequential named `stem`.
 _MMSEG_RESNET_RENAMES = [*_SEMSEG_RENAMES, (r'^layer0\.', 'stem.')]
-_MMSEG_PREFIXES = ('backbone.', 'decode_head.', 'auxiliary_head.')
 # The order of mmseg's state_dict, which is its modules' order of creation: per dotted part, the
 # rank of a name (numbers in their order). BaseDecodeHead creates conv_seg before PSPHead its
 # psp_modules and bottleneck (and FCNHead its convs); Bottleneck and BasicBlock add conv1, bn1,
@@ -106,6 +127,15 @@ _MMSEG_ORDER = {name: rank for names in (
     ('conv_seg', 'psp_modules', 'bottleneck'), ('conv_seg', 'convs'), ('conv', 'bn'),
     ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'),
 ) for rank, name in enumerate(names)}
+# The order of the official CascadePSP state_dict (its modules' order of creation), one rank per
+# name that agrees with every group of siblings: the model's parts; feats' conv1, bn1, layer1..4;
+# a block's conv1, bn1, ..., downsample; psp's stages, bottleneck; PSPUpsample's conv, conv2,
+# shortcut.
+_CASCADEPSP_ORDER = {name: rank for rank, name in enumerate((
+    'feats', 'psp', 'up_1', 'up_2', 'up_3', 'final_28', 'final_56', 'final_11', 'final_21',
+    'stages', 'bottleneck', 'conv', 'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
+    'downsample', 'shortcut', 'layer1', 'layer2', 'layer3', 'layer4',
+    'weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked'))}
 # The switches of mmsegmentation's PSPNet (configs/default.py, the config variant arch=mmseg):
 # with other stem widths its tensors do not fit, with the other switches they would load and
 # compute something else. dilate_basic_conv2 matters for basic blocks (ResNet-18/34) only.
@@ -140,8 +170,37 @@ PRETRAINED_FORMATS = ('semseg-resnet', 'torchvision-resnet', 'mmseg-resnet')
 _PRETRAINED_STEMS = {'semseg-resnet': (True, _SEMSEG_STEM_WIDTHS),
                      'torchvision-resnet': (False, None),
                      'mmseg-resnet': (True, MMSEG_ARCHITECTURE['stem_widths'])}
-IMPORT_FORMATS = ('semseg', 'mmseg', 'safetensors', *PRETRAINED_FORMATS)
+IMPORT_FORMATS = ('semseg', 'mmseg', 'cascadepsp', 'safetensors', *PRETRAINED_FORMATS)
+# The weight exports of a segmentation config (PSPNet) and of a refinement one (its own file, and
+# safetensors with its names); `export_weights` takes either.
 EXPORT_FORMATS = ('semseg', 'mmseg', 'safetensors')
+REFINEMENT_EXPORT_FORMATS = ('cascadepsp', 'safetensors')
+# What the refinement module (config.task='refinement') converts: those, and the torchvision
+# ResNet it starts from.
+_REFINEMENT_FORMATS = (*REFINEMENT_EXPORT_FORMATS, 'torchvision-resnet')
+
+
+class _Layout(NamedTuple):
+  """The names of one model's files: the key prefixes that tell them, what they are, how they
+  are imported, and the name table."""
+  prefixes: tuple[str, ...]
+  what: str
+  how: str
+  renames: list
+
+
+# A file with none of the mmseg or CascadePSP prefixes is taken for semseg's PSPNet (whose
+# missing keys are then named one by one).
+_LAYOUTS = {
+    'mmseg': _Layout(('backbone.', 'decode_head.', 'auxiliary_head.'),
+                     'an mmsegmentation checkpoint',
+                     '--format=mmseg and the config variant arch=mmseg', _MMSEG_RENAMES),
+    'cascadepsp': _Layout(('feats.', 'psp.', 'up_1.', 'up_2.', 'up_3.', 'final_'),
+                          'a CascadePSP refinement module',
+                          '--format=cascadepsp and configs/cascadepsp.py', _CASCADEPSP_RENAMES),
+    'semseg': _Layout(('layer0.', 'ppm.', 'cls.', 'aux.'), 'an official semseg PSPNet checkpoint',
+                      '--format=semseg and a PSPNet config without arch=mmseg', _SEMSEG_RENAMES),
+}
 
 
 def torch_name(path: str, renames) -> str:
@@ -158,17 +217,36 @@ def semseg_name(path: str) -> str:
   return torch_name(path, _SEMSEG_RENAMES)
 
 
-def _mmseg_order(key: str) -> tuple:
-  """The sort key that puts an mmseg state_dict in the order mmseg's own state_dict() has."""
+def _module_order(key: str, ranks: dict, model: str) -> tuple:
+  """The sort key that puts a state_dict in the order the PyTorch `model`'s own state_dict() has
+  (`ranks`: the rank of each name among its siblings; numbers in their order)."""
   order = []
   for part in key.split('.'):
     if part.isdigit():
       order.append((0, int(part)))
-    elif part in _MMSEG_ORDER:
-      order.append((1, _MMSEG_ORDER[part]))
+    elif part in ranks:
+      order.append((1, ranks[part]))
     else:
-      raise UserError(f'{key}: {part!r} is no module of mmseg\'s PSPNet')
+      raise UserError(f'{key}: {part!r} is no module of {model}')
   return tuple(order)
+
+
+def is_refinement(config) -> bool:
+  """Whether `config` is a CascadePSP refinement one (config.task, configs/cascadepsp.py)."""
+  return getattr(config, 'task', 'segmentation') == 'refinement'
+
+
+def check_task(config, fmt: str, what: str) -> None:
+  """Raises UserError when format `fmt` holds the other model than the config's (PSPNet for
+  segmentation, the refinement module for refinement); `what` names the file or the export."""
+  if is_refinement(config) and fmt not in _REFINEMENT_FORMATS:
+    raise UserError(f'{what}: --format={fmt} is PSPNet\'s, but the config is CascadePSP\'s '
+                    f'refinement module (config.task=\'refinement\'), which takes '
+                    f'{", ".join(_REFINEMENT_FORMATS)}')
+  if not is_refinement(config) and fmt == 'cascadepsp':
+    raise UserError(f'{what}: --format=cascadepsp is CascadePSP\'s refinement module, but the '
+                    'config is a segmentation one: use configs/cascadepsp.py '
+                    '(config.task=\'refinement\')')
 
 
 def check_mmseg_architecture(config, what: str) -> None:
@@ -225,7 +303,18 @@ def to_mmseg_state_dict(variables: nnx.State, batches_tracked=None) -> dict[str,
   """Model variables -> mmsegmentation's PSPNet `state_dict`, in mmseg's order (as
   `to_torch_state_dict`)."""
   state_dict = to_torch_state_dict(variables, batches_tracked, renames=_MMSEG_RENAMES)
-  return {key: state_dict[key] for key in sorted(state_dict, key=_mmseg_order)}
+  order = functools.partial(_module_order, ranks=_MMSEG_ORDER, model='mmseg\'s PSPNet')
+  return {key: state_dict[key] for key in sorted(state_dict, key=order)}
+
+
+def to_cascadepsp_state_dict(variables: nnx.State, batches_tracked=None
+                             ) -> dict[str, np.ndarray]:
+  """The refinement module's variables -> the official CascadePSP `state_dict` (no `module.`),
+  in the official order (as `to_torch_state_dict`)."""
+  state_dict = to_torch_state_dict(variables, batches_tracked, renames=_CASCADEPSP_RENAMES)
+  order = functools.partial(_module_order, ranks=_CASCADEPSP_ORDER,
+                            model='CascadePSP\'s refinement module')
+  return {key: state_dict[key] for key in sorted(state_dict, key=order)}
 
 
 def _format_problems(title: str, problems: list[str]) -> str:
@@ -240,7 +329,8 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
   """Returns `variables` with every entry replaced by its tensor from a PyTorch state_dict.
 
   `backbone_only`: `tensors` is an ImageNet ResNet (an `fc` classifier to
-  ignore); only layer0..layer4 are replaced, the heads keep their values.
+  ignore); only layer0..layer4 (of a PSPNet, or of the refinement module's
+  `feats`) are replaced, the heads keep their values.
   `renames`: the file's name table (default: semseg's, or with `backbone_only`
   the top-level stem of semseg's and torchvision's ResNets). Missing,
   unexpected and wrongly shaped tensors are all reported by the file's names
@@ -252,7 +342,8 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
 
   def replace(path, value):
     name = checkpoint.dotted_name(path)
-    if backbone_only and not name.startswith(_BACKBONE_PREFIXES):
+    # The refinement module holds its ResNet as `feats`.
+    if backbone_only and not name.removeprefix('feats.').startswith(_BACKBONE_PREFIXES):
       return value
     key = torch_name(name, renames)
     if key not in tensors:
@@ -300,6 +391,13 @@ def from_torch_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, 
   result = nnx.State(variables)
   nnx.replace_by_pure_dict(result, pure)
   return result
+
+
+def from_cascadepsp_state_dict(tensors: dict[str, np.ndarray], variables: nnx.State, *,
+                               source: str = 'weights') -> nnx.State:
+  """`from_torch_state_dict` for the refinement module from the official CascadePSP
+  `state_dict` (keys without `module.`)."""
+  return from_torch_state_dict(tensors, variables, source=source, renames=_CASCADEPSP_RENAMES)
 
 
 def _import_torch():
@@ -483,11 +581,12 @@ def read_tensors(path: str) -> tuple[dict[str, np.ndarray], dict]:
 # deployable ones are pspnet_jax.deploy's). A SavedModel is a directory (no extension); an
 # extension not listed here is not checked.
 _EXTENSION_FORMATS = {
-    '.pth': ('semseg', 'semseg', 'mmseg', *PRETRAINED_FORMATS),
-    '.pt': ('semseg', 'semseg', 'mmseg', *PRETRAINED_FORMATS),
+    '.pth': ('semseg', 'semseg', 'mmseg', 'cascadepsp', *PRETRAINED_FORMATS),
+    '.pt': ('semseg', 'semseg', 'mmseg', 'cascadepsp', *PRETRAINED_FORMATS),
     '.safetensors': ('safetensors', 'safetensors', *PRETRAINED_FORMATS),
     '.onnx': ('onnx', 'onnx'), '.tflite': ('tflite', 'tflite'), '.jax': ('jax', 'jax'),
-    '': ('savedmodel', 'savedmodel'),
+    # CascadePSP's released weights are a file named `model`.
+    '': ('savedmodel', 'savedmodel', 'cascadepsp'),
 }
 
 
@@ -551,7 +650,8 @@ def write_atomically(path: str, write, *, overwrite: bool) -> None:
 def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch: int, *,
                   meta: dict | None = None, overwrite: bool = False) -> None:
   """Writes an official-format .pth ({'epoch', 'state_dict'} with `module.` keys), an mmseg .pth
-  ({'meta', 'state_dict'}, keys as given, in their order) or safetensors.
+  ({'meta', 'state_dict'}, keys as given, in their order), CascadePSP's file (the bare
+  state_dict with `module.` keys, in their order) or safetensors.
 
   Atomically (see `write_atomically`); an existing `path` is refused unless `overwrite`.
   """
@@ -566,6 +666,11 @@ def write_tensors(state_dict: dict[str, np.ndarray], path: str, fmt: str, epoch:
         'meta': meta or {},
         'state_dict': collections.OrderedDict(
             (key, torch.from_numpy(np.array(value))) for key, value in state_dict.items())})
+  elif fmt == 'cascadepsp':
+    torch = _import_torch()
+    # The official Refiner strips the first 7 characters of every key (DataParallel's).
+    write = functools.partial(torch.save, collections.OrderedDict(
+        ('module.' + key, torch.from_numpy(np.array(value))) for key, value in state_dict.items()))
   else:
     torch = _import_torch()
     # semseg's test.py loads into nn.DataParallel(model), hence the `module.` prefix.
@@ -580,20 +685,47 @@ def backbone_from_file(variables: nnx.State, path: str, fmt: str, *, deep_stem: 
                        stem_widths=_SEMSEG_STEM_WIDTHS) -> nnx.State:
   """`variables` with layer0..layer4 from an ImageNet ResNet file; the heads keep their values.
 
-  `deep_stem` and `stem_widths` (config.model's) must be the stem of `fmt`.
+  `deep_stem` and `stem_widths` (config.model's) must be the stem of `fmt`. The
+  refinement module's backbone (`feats`, in `variables`) takes a torchvision
+  ResNet, its conv1 zero-extended to the model's input channels.
   """
-  _check_pretrained_stem(path, fmt, deep_stem, stem_widths)
+  refinement = 'feats' in variables
+  _check_pretrained_stem(path, fmt, deep_stem, stem_widths, refinement=refinement)
   tensors, _ = read_tensors(path)
   renames = None
   if fmt == 'mmseg-resnet':
     # mmseg's own backbone checkpoints may carry the segmentor's `backbone.` prefix.
     tensors = {key.removeprefix('backbone.'): value for key, value in tensors.items()}
     renames = _MMSEG_RESNET_RENAMES
+  if refinement:
+    tensors = _with_mask_channels(tensors, variables)
+    renames = _CASCADEPSP_BACKBONE_RENAMES
   return from_torch_state_dict(tensors, variables, backbone_only=True, source=f'{path} ({fmt})',
                                renames=renames)
 
 
-def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths) -> None:
+def _with_mask_channels(tensors: dict, variables: nnx.State) -> dict:
+  """`tensors` with the RGB conv1 kernel extended by zeros to the refinement module's input
+  channels (RGB, mask, two guidance masks), as the official `load_weights_sequential` does: the
+  masks start with no influence on the ImageNet features."""
+  kernel = tensors.get('conv1.weight')
+  channels = variables['feats']['layer0']['conv1']['kernel'].shape[2]
+  # A missing or otherwise misshapen kernel is named by from_torch_state_dict.
+  if kernel is None or kernel.ndim != 4 or kernel.shape[1] >= channels:
+    return tensors
+  zeros = np.zeros((kernel.shape[0], channels - kernel.shape[1], *kernel.shape[2:]), kernel.dtype)
+  return {**tensors, 'conv1.weight': np.concatenate([kernel, zeros], axis=1)}
+
+
+def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths, *,
+                           refinement: bool = False) -> None:
+  if refinement:
+    # Its stem is always torchvision's (config.model.deep_stem does not apply).
+    if fmt != 'torchvision-resnet':
+      raise UserError(f'{path}: CascadePSP\'s refinement module starts from a torchvision ResNet '
+                      f'(7x7 stem), not format {fmt}: give '
+                      '--config.model.pretrained_format=torchvision-resnet')
+    return
   if fmt not in PRETRAINED_FORMATS:
     raise UserError(f'{path}: format {fmt!r} is not an ImageNet backbone; use one of '
                     f'{PRETRAINED_FORMATS}')
@@ -609,17 +741,29 @@ def _check_pretrained_stem(path: str, fmt: str, deep_stem: bool, stem_widths) ->
                     f'model.stem_widths={wants_widths}{hint}')
 
 
-def _check_layout(tensors: dict, fmt: str, path: str) -> None:
-  """Refuses an mmseg checkpoint given as `semseg` (or safetensors) and the other way round."""
-  mmseg_keys = [key for key in tensors if key.startswith(_MMSEG_PREFIXES)]
-  if fmt == 'mmseg' and not mmseg_keys:
-    raise UserError(f'{path} is no mmsegmentation checkpoint: none of its keys starts with '
-                    f'{" / ".join(_MMSEG_PREFIXES)} (it has {sorted(tensors)[:3]} ...); an '
-                    'official semseg checkpoint (layer0..., ppm..., cls..., aux...) is '
-                    '--format=semseg')
-  if fmt != 'mmseg' and mmseg_keys:
-    raise UserError(f'{path} is an mmsegmentation checkpoint (keys such as {mmseg_keys[0]}): '
-                    'import it with --format=mmseg and the config variant arch=mmseg')
+def _layout(config, fmt: str) -> str:
+  """The names (`_LAYOUTS`) of the files of format `fmt` for the config's model: safetensors
+  files have semseg's, or the refinement module's."""
+  if fmt in ('mmseg', 'cascadepsp'):
+    return fmt
+  return 'cascadepsp' if is_refinement(config) else 'semseg'
+
+
+def _check_layout(tensors: dict, layout: str, path: str) -> None:
+  """Refuses a file of another model than `layout`'s: an mmseg checkpoint given as `semseg`, a
+  PSPNet as `cascadepsp`, and so on."""
+  found = {name: [key for key in tensors if key.startswith(names.prefixes)]
+           for name, names in _LAYOUTS.items()}
+  # The first layout with keys of its own; semseg's prefixes (layer0.) are no proof alone.
+  held = next((name for name in ('mmseg', 'cascadepsp') if found[name]), 'semseg')
+  if held == layout:
+    return
+  wanted = _LAYOUTS[layout]
+  if found[held]:
+    raise UserError(f'{path} is {_LAYOUTS[held].what} (keys such as {found[held][0]}), not '
+                    f'{wanted.what}: import it with {_LAYOUTS[held].how}')
+  raise UserError(f'{path} is not {wanted.what}: none of its keys starts with '
+                  f'{" / ".join(wanted.prefixes)} (it has {sorted(tensors)[:3]} ...)')
 
 
 def import_weights(config, workdir: str, path: str, fmt: str) -> str:
@@ -628,6 +772,7 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
   if existing:
     raise AlreadyExists(f'{checkpoint.checkpoint_dir(workdir)} already has checkpoints '
                         f'{existing}; import into an empty --workdir')
+  check_task(config, fmt, path)
   meta = {'source': paths.absolute(path), 'format': fmt}
 
   def fresh_model():
@@ -635,18 +780,19 @@ def import_weights(config, workdir: str, path: str, fmt: str) -> str:
 
   if fmt in PRETRAINED_FORMATS:
     # Refused before the (eager, slow) initialization; the heads keep their random one.
-    _check_pretrained_stem(path, fmt, config.model.deep_stem, config.model.stem_widths)
+    _check_pretrained_stem(path, fmt, config.model.deep_stem, config.model.stem_widths,
+                           refinement=is_refinement(config))
     variables = checkpoint.model_variables(fresh_model())
     variables = backbone_from_file(variables, path, fmt, deep_stem=config.model.deep_stem,
                                    stem_widths=config.model.stem_widths)
   else:
     # Every variable comes from the file: the model's shapes are all it takes.
     tensors, extras = read_tensors(path)
-    _check_layout(tensors, fmt, path)
-    renames = _SEMSEG_RENAMES
+    layout = _layout(config, fmt)
+    _check_layout(tensors, layout, path)
+    renames = _LAYOUTS[layout].renames
     if fmt == 'mmseg':
       check_mmseg_architecture(config, f'{path} (--format=mmseg)')
-      renames = _MMSEG_RENAMES
     else:
       extras.pop('mmseg_meta', None)
     abstract = checkpoint.model_variables(nnx.eval_shape(fresh_model))
@@ -672,6 +818,7 @@ def export_weights(config, workdir: str, path: str, fmt: str, step: int | None =
   """
   # Before the restore, so that a refusal costs nothing; write_tensors checks again.
   refuse_existing(path, overwrite)
+  check_task(config, fmt, f'an export with --format={fmt}')
   if fmt == 'mmseg':
     check_mmseg_architecture(config, 'an export with --format=mmseg')
   # One device holds the weights to write (all of them would each hold a copy).
@@ -683,6 +830,8 @@ def export_weights(config, workdir: str, path: str, fmt: str, step: int | None =
   if fmt == 'mmseg':
     state_dict = to_mmseg_state_dict(variables, batches_tracked)
     meta = _mmseg_meta(config, loaded)
+  elif _layout(config, fmt) == 'cascadepsp':
+    state_dict = to_cascadepsp_state_dict(variables, batches_tracked)
   else:
     state_dict = to_torch_state_dict(variables, batches_tracked)
   # Counted in steps here; an imported official checkpoint gives its epoch back.

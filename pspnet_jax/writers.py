@@ -132,17 +132,28 @@ def log_class_table(title: str, results: dict, class_names) -> None:
                results['mIoU'], results['mAcc'], results['allAcc'])
 
 
+# The keys of `metrics.segmentation_metrics` and of `evaluation.evaluate_split`'s bookkeeping.
+_SEGMENTATION_KEYS = ('mIoU', 'mAcc', 'allAcc', 'IoU', 'acc', 'confusion', 'num_images', 'seconds')
+
+
 def write_eval(writer: metric_writers.MetricWriter, step: int, results: dict,
                class_names, *, table: bool, prefix: str = 'eval') -> None:
   """One metrics row with the per-class IoUs under `prefix`/; `table` also logs the table."""
   row = {f'{prefix}/{key}': results[key] for key in ('mIoU', 'mAcc', 'allAcc')}
+  # A task's own scalars beside them (refinement: fg_IoU, input_fg_IoU, mBA, input_mBA).
+  extra = {key: float(value) for key, value in results.items()
+           if key not in _SEGMENTATION_KEYS and np.ndim(value) == 0}
+  row.update({f'{prefix}/{key}': value for key, value in extra.items()})
   # Tags without spaces ('chest of drawers'): TensorBoard rewrites illegal summary names.
   for name, iou in zip(class_names, results['IoU']):
     if not np.isnan(iou):
       row[f'{prefix}/IoU/{name.replace(" ", "_")}'] = iou
+  extra_text = ''.join(f'  {key} {value:.4f}' for key, value in extra.items())
   if table:
     log_class_table(f'per-class results ({prefix}) at step {step}', results, class_names)
+    if extra:
+      logging.info('%s at step %d:%s', prefix, step, extra_text)
   else:
-    logging.info('%s at step %d: mIoU %.4f  mAcc %.4f  allAcc %.4f', prefix, step,
-                 results['mIoU'], results['mAcc'], results['allAcc'])
+    logging.info('%s at step %d: mIoU %.4f  mAcc %.4f  allAcc %.4f%s', prefix, step,
+                 results['mIoU'], results['mAcc'], results['allAcc'], extra_text)
   writer.write_scalars(step, row)

@@ -1,4 +1,5 @@
-"""PSPNet model family: PyTorch-exact layers, dilated ResNets, PSPNet heads.
+"""PSPNet model family: PyTorch-exact layers, dilated ResNets, PSPNet heads, and CascadePSP's
+refinement module.
 
 Imports nothing else of pspnet_jax; `create_model` reads a config duck-typed.
 """
@@ -6,15 +7,23 @@ Imports nothing else of pspnet_jax; `create_model` reads a config duck-typed.
 import jax.numpy as jnp
 from flax import nnx
 
+from pspnet_jax.models.cascadepsp import RefinementModule
 from pspnet_jax.models.layers import PRECISIONS
 from pspnet_jax.models.pspnet import PSPNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def create_model(config, *, rngs: nnx.Rngs) -> PSPNet:
-  """The PSPNet that `config.model` and `config.data.num_classes` describe, freshly initialized."""
+def create_model(config, *, rngs: nnx.Rngs) -> PSPNet | RefinementModule:
+  """The PSPNet that `config.model` and `config.data.num_classes` describe, freshly initialized;
+  CascadePSP's refinement module when `config.task` is 'refinement' (configs/cascadepsp.py)."""
   model_config = config.model
+  if getattr(config, 'task', 'segmentation') == 'refinement':
+    return RefinementModule(backbone=model_config.backbone,
+                            widths=tuple(model_config.refine_widths),
+                            dtype=DTYPES[model_config.dtype],
+                            resize_precision=PRECISIONS[model_config.resize_precision],
+                            rngs=rngs)
   return PSPNet(config.data.num_classes, backbone=model_config.backbone,
                 deep_stem=model_config.deep_stem, stem_widths=tuple(model_config.stem_widths),
                 output_stride=model_config.output_stride,

@@ -89,14 +89,14 @@ class Bottleneck(nnx.Module):
 
 
 class Stem(nnx.Module):
-  """layer0: deep base (3x3 s2 3->w0, 3x3 w0->w1, 3x3 w1->w2; semseg 64-64-128, mmseg 32-32-64)
-  or 7x7 s2 3->64; then max-pool."""
+  """layer0: deep base (3x3 s2 in->w0, 3x3 w0->w1, 3x3 w1->w2; semseg 64-64-128, mmseg 32-32-64)
+  or 7x7 s2 in->64; then max-pool. `in_features`: 3 (RGB), 6 for CascadePSP (RGB + 3 masks)."""
 
-  def __init__(self, *, deep: bool, widths=(64, 64, 128), dtype, rngs):
+  def __init__(self, *, deep: bool, widths=(64, 64, 128), in_features: int = 3, dtype, rngs):
     self.deep = deep
     if deep:
       first, second, third = widths
-      self.conv1 = conv2d(3, first, 3, stride=2, dtype=dtype, rngs=rngs)
+      self.conv1 = conv2d(in_features, first, 3, stride=2, dtype=dtype, rngs=rngs)
       self.bn1 = BatchNorm(first, dtype=dtype)
       self.conv2 = conv2d(first, second, 3, dtype=dtype, rngs=rngs)
       self.bn2 = BatchNorm(second, dtype=dtype)
@@ -104,16 +104,21 @@ class Stem(nnx.Module):
       self.bn3 = BatchNorm(third, dtype=dtype)
       self.out_features = third
     else:
-      self.conv1 = conv2d(3, 64, 7, stride=2, dtype=dtype, rngs=rngs)
+      self.conv1 = conv2d(in_features, 64, 7, stride=2, dtype=dtype, rngs=rngs)
       self.bn1 = BatchNorm(64, dtype=dtype)
       self.out_features = 64
 
   def __call__(self, x):
-    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    return self.with_conv1(x)[0]
+
+  def with_conv1(self, x):
+    """(the stem's output, conv1's output before bn1): CascadePSP's stride-2 skip is the latter."""
+    conv1 = self.conv1(x)
+    x = jax.nn.relu(self.bn1(conv1))
     if self.deep:
       x = jax.nn.relu(self.bn2(self.conv2(x)))
       x = jax.nn.relu(self.bn3(self.conv3(x)))
-    return max_pool_3x3_s2(x)
+    return max_pool_3x3_s2(x), conv1
 
 
 # (stride, dilation) of layer1..layer4 for each output stride.
@@ -129,10 +134,12 @@ class ResNet(nnx.Module):
 
   def __init__(self, block, stage_sizes, *, deep_stem: bool = True, stem_widths=(64, 64, 128),
                output_stride: int = 8, contract_dilation: bool = False,
-               dilate_basic_conv2: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+               dilate_first_block: bool = True, dilate_basic_conv2: bool = True,
+               in_features: int = 3, dtype=jnp.float32, rngs: nnx.Rngs):
     if output_stride not in _STAGE_GEOMETRY:
       raise ValueError(f'output_stride must be one of {sorted(_STAGE_GEOMETRY)}, got {output_stride}')
-    self.layer0 = Stem(deep=deep_stem, widths=stem_widths, dtype=dtype, rngs=rngs)
+    self.layer0 = Stem(deep=deep_stem, widths=stem_widths, in_features=in_features, dtype=dtype,
+                       rngs=rngs)
     in_features = self.layer0.out_features
     stages = []
     for index, (num_blocks, (stride, dilation)) in enumerate(
@@ -141,8 +148,12 @@ class ResNet(nnx.Module):
       blocks = []
       for block_index in range(num_blocks):
         first = block_index == 0
-        # mmseg's ResLayer: the first block of a dilated stage takes half the dilation.
-        block_dilation = dilation // 2 if first and contract_dilation and dilation > 1 else dilation
+        block_dilation = dilation
+        if first and not dilate_first_block:  # CascadePSP's extractor
+          block_dilation = 1
+        elif first and contract_dilation and dilation > 1:
+          # mmseg's ResLayer: the first block of a dilated stage takes half the dilation.
+          block_dilation = dilation // 2
         blocks.append(block(in_features, planes, stride=stride if first else 1,
                             dilation=block_dilation, dilate_conv2=dilate_basic_conv2,
                             dtype=dtype, rngs=rngs))
