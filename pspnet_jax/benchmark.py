@@ -13,6 +13,8 @@
   python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=compile --topology=v5e:2x4 \\
       --batch_size=16 --config.model.dtype=bfloat16 [--noplan_eval]
   python -m pspnet_jax.benchmark --config=configs/ade20k.py --what=deploy --batch_size=1
+  python -m pspnet_jax.benchmark --config=configs/cascadepsp.py --what=refine \\
+      --refine_size=2000x3000 --steps=1 --official_reference
 
 `--what=forward`: the eval-mode forward of the config's model on a
 crop_size x crop_size batch of `--batch_size` (default 1) images, median over
@@ -58,6 +60,12 @@ the jitted JAX forward, `--batch_size` (default 1) crop_size x crop_size
 images, median over `--steps` calls, with each format's logit difference
 from JAX (benchmarks/deploy_speed.py).
 
+`--what=refine`: CascadePSP's `Refiner.refine` of one `--refine_size` image
+(random pixels, an elliptic mask) at config.refine.L, fast and full, median
+over `--steps` calls after a warm-up call, with the number of local patches;
+`--official_reference` also times the official segmentation-refinement code
+(torch, CPU) on the same image, mask and weights (benchmarks/refine_speed.py).
+
 Every row also says how busy the machine was (`load_average_before`, `_after`).
 """
 
@@ -71,7 +79,7 @@ from pspnet_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WHAT = flags.DEFINE_enum('what', 'forward',
-                          ['forward', 'train', 'input', 'eval', 'compile', 'deploy'],
+                          ['forward', 'train', 'input', 'eval', 'compile', 'deploy', 'refine'],
                           'What to measure (compile: plan for --topology).')
 _BATCH = flags.DEFINE_integer(
     'batch_size', None, 'Images per call (forward, default 1), global batch per step (train, '
@@ -93,6 +101,10 @@ _SEMSEG_REFERENCE = flags.DEFINE_bool(
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'compile: the TPU slice to compile for, '
                                 '<chip>:<shape> as v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4.')
 _PLAN_EVAL = flags.DEFINE_bool('plan_eval', True, 'compile: also compile the eval step.')
+_REFINE_SIZE = flags.DEFINE_string('refine_size', '2000x3000', 'refine: HEIGHTxWIDTH of the image.')
+_OFFICIAL_REFERENCE = flags.DEFINE_bool(
+    'official_reference', False, 'refine: also time the official CascadePSP code '
+    '(segmentation-refinement, requirements-reference.txt) on the same image and weights.')
 
 
 def _measure(what: str, config, batch_size: int, steps: int) -> dict:
@@ -100,7 +112,7 @@ def _measure(what: str, config, batch_size: int, steps: int) -> dict:
   pay for importing JAX, TF and torch."""
   # pylint: disable=import-outside-toplevel
   from pspnet_jax.benchmarks import (compile_plan, deploy_speed, eval_speed, input_speed,
-                                     model_speed)
+                                     model_speed, refine_speed)
   # pylint: enable=import-outside-toplevel
   if what == 'forward':
     return model_speed.measure_forward(config, batch_size, steps, torch_reference=_TORCH.value)
@@ -114,6 +126,10 @@ def _measure(what: str, config, batch_size: int, steps: int) -> dict:
                                    semseg_reference=_SEMSEG_REFERENCE.value)
   if what == 'compile':
     return compile_plan.plan(config, _TOPOLOGY.value, batch_size, eval_step=_PLAN_EVAL.value)
+  if what == 'refine':
+    height, _, width = _REFINE_SIZE.value.partition('x')
+    return refine_speed.measure_refine(config, int(height), int(width), steps,
+                                       official_reference=_OFFICIAL_REFERENCE.value)
   return deploy_speed.measure_deploy(config, batch_size, steps)
 
 

@@ -44,6 +44,20 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(variant) if variant else module.get_config()
 
 
+def workdir_config(workdir: str, config=None, *, example: str = 'configs/FILE.py'):
+  """`config` validated, or else the validated `config.json` a training run writes in
+  `workdir` (an imported checkpoint has none: the error says to pass the config file, for
+  instance `example`)."""
+  if config is None:
+    saved = epath.Path(workdir) / 'config.json'
+    if not saved.exists():
+      raise UserError(f'{workdir} has no config.json (not a training run: an imported '
+                      f"checkpoint?); pass config=configuration.load_config('{example}')")
+    config = load_config(str(saved))
+  validate(config)
+  return config
+
+
 def _require(condition: bool, key: str, value, expectation: str) -> None:
   if not condition:
     raise UserError(f'config.{key}={value!r}: {expectation}')

@@ -12,7 +12,9 @@ Two ways, both summing one dataset-level confusion matrix before any ratio
     semseg's whole or slide, mmseg's mmseg_whole or mmseg_slide):
     probabilities at each image's original size, compared
     with the original label. Each process evaluates its own contiguous share of
-    the split; the counts are summed over processes at the end.
+    the split; the counts are summed over processes at the end. Given a
+    `refine` (CascadePSP's scene refinement, `scene_refinement`), it counts the
+    refined predictions beside the model's own.
 
 `write_results` stores a result as `WORKDIR/eval/<split>-<step>-<protocol>.json`
 with the confusion matrix beside it (`.confusion.npy`).
@@ -81,14 +83,17 @@ def sum_over_processes(confusion: np.ndarray) -> np.ndarray:
 
 
 def evaluate_split(predictor: inference.Predictor, config, split: str | None = None, *,
-                   on_prediction=None) -> dict:
+                   on_prediction=None, refine=None) -> dict:
   """Metrics of `predictor` (its protocol) on `split` (default data.eval_split), every image once.
 
   Each process reads its share of the images (`pipeline.eval_examples`);
   only the labels of the images in flight are kept. `on_prediction(file_name,
   image, class_map)` sees every prediction (e.g. to save it). Returns
   `metrics.segmentation_metrics` of the split-wide confusion matrix, plus
-  'confusion', 'num_images' and 'seconds'.
+  'confusion', 'num_images' and 'seconds'. With `refine(image, class_map) ->
+  class_map` (e.g. a `scene_refinement.SceneRefiner`), every prediction is also
+  refined: on_prediction sees the refined one, and 'refined' holds its metrics
+  and 'confusion'.
   """
   data = config.data
   split = split or data.eval_split
@@ -102,12 +107,16 @@ def evaluate_split(predictor: inference.Predictor, config, split: str | None = N
       yield index, example['image']
 
   confusion = np.zeros((num_classes, num_classes), np.int64)
+  refined_confusion = np.zeros_like(confusion)
   start = last_report = time.perf_counter()
   done = 0
   for index, probabilities in predictor.probabilities(images()):
     file_name, image, label = in_flight.pop(index)
     predicted = inference.class_map(probabilities)
     confusion += image_confusion(predicted, label, num_classes, data.ignore_label)
+    if refine is not None:
+      predicted = refine(image, predicted)
+      refined_confusion += image_confusion(predicted, label, num_classes, data.ignore_label)
     if on_prediction is not None:
       on_prediction(file_name, image, predicted)
     done += 1
@@ -118,25 +127,36 @@ def evaluate_split(predictor: inference.Predictor, config, split: str | None = N
                    'images/s, ETA %.0f s', split, done, share, total, rate, (share - done) / rate)
       last_report = now
   confusion = sum_over_processes(confusion)
-  results = metrics.segmentation_metrics(confusion)
-  return {**results, 'confusion': confusion, 'num_images': total,
-          'seconds': time.perf_counter() - start}
+  results = {**metrics.segmentation_metrics(confusion), 'confusion': confusion,
+             'num_images': total, 'seconds': time.perf_counter() - start}
+  if refine is not None:
+    refined_confusion = sum_over_processes(refined_confusion)
+    results['refined'] = {**metrics.segmentation_metrics(refined_confusion),
+                          'confusion': refined_confusion}
+  return results
 
 
 def results_path(workdir: str, split: str, step: int, protocol: str) -> str:
   return os.path.join(workdir, 'eval', f'{split}-{step}-{protocol}.json')
 
 
-def write_results(path: str, results: dict, class_names, settings: dict) -> None:
-  """The metrics by class name, the protocol's settings and the counts as JSON; the confusion
-  matrix beside it (`.confusion.npy`, rows = truth). Written whole or not at all."""
-  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+def metrics_record(results: dict, class_names) -> dict:
+  """mIoU, mAcc, allAcc and IoU and accuracy by class name (None for a class absent from the
+  ground truth), as JSON values."""
   per_class = lambda values: {name: None if np.isnan(value) else float(value)
                               for name, value in zip(class_names, values)}
-  record = {key: float(results[key]) for key in ('mIoU', 'mAcc', 'allAcc')}
-  record.update({'IoU': per_class(results['IoU']), 'acc': per_class(results['acc']),
-                 'protocol': settings, 'num_images': int(results['num_images']),
-                 'seconds': float(results['seconds'])})
+  return {**{key: float(results[key]) for key in ('mIoU', 'mAcc', 'allAcc')},
+          'IoU': per_class(results['IoU']), 'acc': per_class(results['acc'])}
+
+
+def write_results(path: str, results: dict, class_names, settings: dict,
+                  extra: dict | None = None) -> None:
+  """The metrics by class name, the protocol's settings, the counts and `extra` as JSON; the
+  confusion matrix beside it (`.confusion.npy`, rows = truth). Written whole or not at all."""
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  record = metrics_record(results, class_names)
+  record.update({'protocol': settings, 'num_images': int(results['num_images']),
+                 'seconds': float(results['seconds']), **(extra or {})})
   confusion = io.BytesIO()
   np.save(confusion, results['confusion'], allow_pickle=False)
   paths.write_whole(path.removesuffix('.json') + '.confusion.npy', confusion.getvalue())

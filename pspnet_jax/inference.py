@@ -62,7 +62,6 @@ import math
 from typing import Callable, Iterable, Iterator
 
 import cv2
-from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +70,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from pspnet_jax import sharding
-from pspnet_jax.errors import UserError
 from pspnet_jax.data import transforms
 from pspnet_jax.models import layers
 
@@ -554,13 +552,7 @@ class Predictor:
     has none: pass `configuration.load_config('configs/....py')`). `options`: `from_model`'s."""
     # Imported here: checkpoint imports orbax, which inference's other users do not need.
     from pspnet_jax import checkpoint, configuration  # pylint: disable=import-outside-toplevel
-    if config is None:
-      saved = epath.Path(workdir) / 'config.json'
-      if not saved.exists():
-        raise UserError(f'{workdir} has no config.json (not a training run: an imported '
-                        "checkpoint?); pass config=configuration.load_config('configs/FILE.py')")
-      config = configuration.load_config(str(saved))
-    configuration.validate(config)
+    config = configuration.workdir_config(workdir, config)
     loaded = checkpoint.load_model(config, workdir, step)
     return cls.from_model(loaded.model, config, **options)
 

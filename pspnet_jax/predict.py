@@ -17,6 +17,12 @@ pspnet_jax/predictions.py.
 On several hosts every process runs the same command (with `--distributed` or
 `--coordinator_address`); the images are split between them and OUT must be a
 folder all of them see.
+
+`--refine_workdir=CASCADEPSP_DIR [--refine_config=configs/cascadepsp.py]`
+refines every prediction with CascadePSP's scene refinement before it is
+written (pspnet_jax/scene_refinement.py; the checkpoint of CASCADEPSP_DIR, its
+config the given one or its config.json); prediction.json records it with the
+protocol.
 """
 
 import sys
@@ -34,16 +40,24 @@ _INPUT = flags.DEFINE_string('input', None, 'Image file, folder (recursive) or g
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder (gray/, color/, overlay/, legend).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Clear the outputs of OUT first; needed when '
                                'another checkpoint or protocol wrote them.')
+_REFINE_WORKDIR = flags.DEFINE_string(
+    'refine_workdir', None, 'A CascadePSP run directory: refine every prediction with its '
+    '(latest) checkpoint before writing it (scene refinement).')
+_REFINE_CONFIG = flags.DEFINE_string(
+    'refine_config', None, "With --refine_workdir: its config, FILE.py[:VARIANT] or a .json "
+    "(default: its config.json), e.g. configs/cascadepsp.py.")
 flags.adopt_module_key_flags(distributed_flags)   # --help lists the multi-process flags
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _REFINE_CONFIG.value and not _REFINE_WORKDIR.value:
+    raise UserError('--refine_config is the config of --refine_workdir: give both')
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   # pylint: disable=import-outside-toplevel
   import jax
-  from pspnet_jax import checkpoint, configuration, inference, predictions
+  from pspnet_jax import checkpoint, configuration, inference, predictions, scene_refinement
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
@@ -61,11 +75,16 @@ def main(argv):
     raise UserError(str(error)) from error
   try:
     loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
-  except checkpoint.DamagedCheckpoint as error:   # a fault of the workdir, named in one line
+    refiner = scene_refinement.SceneRefiner.from_workdir(
+        _REFINE_WORKDIR.value, _REFINE_CONFIG.value,
+        dataset=config.data.name) if _REFINE_WORKDIR.value else None
+  except checkpoint.DamagedCheckpoint as error:   # a fault of a workdir, named in one line
     logging.error('%s', error)
     sys.exit(1)
   run = predictions.describe_run(config, _WORKDIR.value, loaded.step, protocol,
                                  config_flags.get_config_filename(flags.FLAGS['config']))
+  if refiner is not None:   # refined predictions are another protocol's
+    run['protocol'] = {**run['protocol'], 'refinement': refiner.settings}
   try:
     predictions.claim_output(_OUTPUT.value, run, overwrite=_OVERWRITE.value)
   except predictions.OutputInUse as error:
@@ -73,7 +92,9 @@ def main(argv):
   logging.info('step %d of %s, protocol %s: %d images over %d processes', loaded.step,
                _WORKDIR.value, protocol.settings(), len(inputs), jax.process_count())
   predictor = inference.Predictor.from_model(loaded.model, config, protocol=protocol)
-  results = predictions.predict_files(predictor, inputs, _OUTPUT.value, palette)
+  if refiner is not None:
+    logging.info('refining the predictions with CascadePSP: %s', refiner.settings)
+  results = predictions.predict_files(predictor, inputs, _OUTPUT.value, palette, refine=refiner)
   if jax.process_index() == 0:
     predictions.write_summary(_OUTPUT.value, run, results, class_names, palette)
   logging.info('predicted %d images into %s; skipped %d unreadable', len(results.classes),

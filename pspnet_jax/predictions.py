@@ -272,12 +272,13 @@ class Results(NamedTuple):
 
 
 def predict_files(predictor: inference.Predictor, inputs: list[ImageFile], out_dir: str,
-                  palette: np.ndarray) -> Results:
+                  palette: np.ndarray, refine=None) -> Results:
   """Predicts and saves (`save_prediction`) this process's share of `inputs`; all processes' results.
 
   Every process must call this with the same `inputs` (the predictor's steps
   are collective). Images are read as the predictor takes them, so memory
-  stays bounded for any number of inputs.
+  stays bounded for any number of inputs. `refine(image, class_map) -> class_map`
+  (e.g. a `scene_refinement.SceneRefiner`) changes each prediction before it is saved.
   """
   share = inputs[jax.process_index()::jax.process_count()]
   skipped = []
@@ -294,8 +295,10 @@ def predict_files(predictor: inference.Predictor, inputs: list[ImageFile], out_d
 
   classes = {}
   for (name, image), probabilities in predictor.probabilities(readable()):
-    classes[name] = save_prediction(out_dir, name, image, inference.class_map(probabilities),
-                                    palette)
+    class_map = inference.class_map(probabilities)
+    if refine is not None:
+      class_map = refine(image, class_map)
+    classes[name] = save_prediction(out_dir, name, image, class_map, palette)
     logging.log_every_n_seconds(logging.INFO, 'predicted %d of %d images (%s)', 10,
                                 len(classes), len(share), name)
   return gather_results(classes, skipped)

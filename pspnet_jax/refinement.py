@@ -55,7 +55,6 @@ import os
 import cv2
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from pspnet_jax import predictions, sharding
@@ -448,14 +447,7 @@ class Refiner:
     defaults to config.refine.batch_size."""
     # Imported here: checkpoint imports orbax, which the steps themselves do not need.
     from pspnet_jax import checkpoint, configuration  # pylint: disable=import-outside-toplevel
-    if config is None:
-      saved = epath.Path(workdir) / 'config.json'
-      if not saved.exists():
-        raise UserError(f'{workdir} has no config.json (not a training run: an imported '
-                        "checkpoint?); pass config=configuration.load_config("
-                        "'configs/cascadepsp.py')")
-      config = configuration.load_config(str(saved))
-    configuration.validate(config)
+    config = configuration.workdir_config(workdir, config, example='configs/cascadepsp.py')
     if config.task != 'refinement':
       raise UserError(f'config.task={config.task!r}: refinement needs a CascadePSP config '
                       '(configs/cascadepsp.py)')
@@ -464,7 +456,7 @@ class Refiner:
     return cls(*nnx.split(loaded.model), mesh=mesh,
                batch_size=config.refine.batch_size if batch_size is None else batch_size)
 
-  def _forward(self, images: np.ndarray, masks: np.ndarray, inter_s8) -> dict:
+  def forward(self, images: np.ndarray, masks: np.ndarray, inter_s8) -> dict:
     """`forward` of `refine_with`: the global step's image on the first device; patches padded
     to a multiple of the device count with blank ones and split over the mesh."""
     if inter_s8 is None:
@@ -481,7 +473,7 @@ class Refiner:
   def soft_mask(self, image: np.ndarray, mask: np.ndarray, fast: bool = False,
                 L: int = 900) -> np.ndarray:  # pylint: disable=invalid-name  (the official name)
     """`refine`'s result before its conversion to uint8: float32 (H, W) in [0, 1]."""
-    return refine_with(self._forward, image, mask, fast=fast, L=L, batch=self.batch_size)
+    return refine_with(self.forward, image, mask, fast=fast, L=L, batch=self.batch_size)
 
   def refine(self, image: np.ndarray, mask: np.ndarray, fast: bool = False,
              L: int = 900) -> np.ndarray:  # pylint: disable=invalid-name  (the official name)
