@@ -146,3 +146,39 @@ def test_a_short_run_trains_evaluates_and_logs_the_refinement_metrics(tmp_path):
   for key in ('fg_IoU', 'input_fg_IoU', 'mBA', 'input_mBA'):
     assert eval_row[f'eval/{key}'] == pytest.approx(results[key])
   assert 0.4 < results['input_fg_IoU'] < 1.0   # the stored perturbed input masks
+
+
+def test_the_config_is_the_official_recipe():
+  """configs/cascadepsp.py against the official util/hyper_para.py defaults and train.py."""
+  config = cascadepsp.get_config()
+  from pspnet_jax import configuration  # pylint: disable=import-outside-toplevel
+  configuration.validate(config)
+  configuration.validate(cascadepsp.get_config('demo'))
+  assert (config.optim.name, config.optim.schedule) == ('adam', 'multistep')
+  assert config.optim.base_lr == 2.25e-4 and config.optim.weight_decay == 1e-4
+  assert tuple(config.optim.milestones) == (22500, 37500) and config.optim.gamma == 0.1
+  assert config.train.num_steps == 45000 and config.train.batch_size == 12
+  assert config.data.crop_size == 224 and config.refine.L == 900
+  assert tuple(config.loss.ce_weights) == (0.0, 1.0, 0.5, 1.0, 1.0, 0.5)
+  assert tuple(config.loss.l1_weights) == (1.0, 0.0, 0.25, 0.0, 0.0, 0.25)
+  assert tuple(config.loss.l2_weights) == (1.0, 0.0, 0.25, 0.0, 0.0, 0.25)
+  assert config.loss.grad_weight == 5
+  assert config.model.backbone == 'resnet50' and tuple(config.model.refine_widths) == (
+      1024, 512, 256, 32)
+  assert config.model.pretrained.endswith('/resnet50-19c8e357.pth')   # extractors.model_urls
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('refine.L', 65, 'refine.L=65: must be an integer >= 66'),
+    ('data.crop_size', 100, 'data.crop_size=100: must be a multiple of 8'),
+    ('data.num_classes', 3, 'data.num_classes=3: must be 2'),
+    ('model.backbone', 'resnet152', "model.backbone='resnet152': must be one of"),
+    ('eval.at_end_of_training', True, 'eval.at_end_of_training=True: must be False'),
+])
+def test_refinement_config_mistakes_are_named(key, value, message):
+  from pspnet_jax import configuration  # pylint: disable=import-outside-toplevel
+  config = cascadepsp.get_config()
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('[', r'\[')):
+    configuration.validate(config)
