@@ -118,10 +118,10 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.model.refine_widths = (128, 64, 32, 16)
   config.model.pretrained = ''
   config.optim.base_lr = 1e-3
-  config.optim.milestones = (250,)
+  config.optim.milestones = (450,)
   config.train.batch_size = 8
-  config.train.num_steps = 300
-  config.train.log_every = 25
-  config.train.checkpoint_every = 100
-  config.train.eval_every = 100
+  config.train.num_steps = 600
+  config.train.log_every = 50
+  config.train.checkpoint_every = 150
+  config.train.eval_every = 150
   config.refine.L = 96
