@@ -17,7 +17,7 @@ import pytest
 import torch
 from flax import nnx
 
-from configs import default
+from configs import cascadepsp
 from pspnet_jax import checkpoint, weights
 from pspnet_jax.models import create_model, dropout_streams
 from pspnet_jax.models.cascadepsp import RefinementModule
@@ -136,11 +136,9 @@ def test_train_mode_equals_the_official_in_float64(official, official64):
 
 
 def _refinement_config(backbone):
-  config = default.get_config()
-  with config.unlocked():
-    config.task = 'refinement'
+  config = cascadepsp.get_config()
   config.model.backbone = backbone
-  config.model.deep_stem = False
+  config.model.pretrained = ''
   return config
 
 

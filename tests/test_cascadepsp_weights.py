@@ -21,7 +21,7 @@ from safetensors.torch import load_file as load_safetensors_torch
 
 import cascadepsp_reference as ref
 from cascadepsp_parity import random_batch_norms, random_official
-from configs import default
+from configs import cascadepsp, default
 from pspnet_jax import checkpoint, pretrained, sharding, train_state, weights
 from pspnet_jax import torch_reference
 from pspnet_jax.errors import UserError
@@ -29,12 +29,10 @@ from pspnet_jax.models.cascadepsp import RefinementModule
 
 
 def _refinement_config(backbone='resnet50', **model):
-  config = default.get_config()
-  with config.unlocked():
-    config.task = 'refinement'
+  """configs/cascadepsp.py with `backbone`, and no pretrained file unless `model` names one."""
+  config = cascadepsp.get_config()
   config.model.backbone = backbone
-  config.model.deep_stem = False
-  config.model.pretrained_format = 'torchvision-resnet'
+  config.model.pretrained = ''
   config.model.update(model)
   return config
 

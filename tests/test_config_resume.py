@@ -11,8 +11,11 @@ from pspnet_jax import configuration
 def saved_config_without(*keys) -> dict:
   saved = json.loads(demo.get_config().to_json())
   for key in keys:
-    section, name = key.split('.')
-    del saved[section][name]
+    *sections, name = key.split('.')   # 'task' is top level
+    parent = saved
+    for section in sections:
+      parent = parent[section]
+    del parent[name]
   return saved
 
 
