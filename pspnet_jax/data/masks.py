@@ -437,15 +437,8 @@ class SyntheticMasksConfig(tfds.core.BuilderConfig):
   def for_config(cls, config) -> 'SyntheticMasksConfig':
     """From config.seed and config.data.synthetic (num_train, num_validation, min_size,
     max_size), the keys of the other generated dataset."""
-    params = dict(seed=config.seed, **{key: config.data.synthetic[key] for key in (
-        'num_train', 'num_validation', 'min_size', 'max_size')})
-    if not _MIN_SIDE <= params['min_size'] <= params['max_size']:
-      raise ValueError(f'config.data.synthetic.min_size={params["min_size"]} and max_size='
-                       f'{params["max_size"]}: need {_MIN_SIDE} <= min_size <= max_size')
-    if params['seed'] < 0:
-      raise ValueError(f'config.seed={params["seed"]}: synthetic_masks needs a seed >= 0')
-    name = ('seed{seed}-train{num_train}-val{num_validation}-size{min_size}-{max_size}'
-            .format(**params))
+    name, params = synthetic.generation_params(config, min_side=_MIN_SIDE,
+                                               dataset='synthetic_masks')
     return cls(name=name, version=SyntheticMasks.VERSION, **params)
 
 

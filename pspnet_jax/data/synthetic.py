@@ -200,6 +200,26 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
   return np.random.default_rng([seed, SPLIT_IDS[split], index])
 
 
+def generation_params(config, *, min_side: int, dataset: str) -> tuple[str, dict]:
+  """(BuilderConfig name, parameters) of a generated dataset from config.seed and
+  config.data.synthetic (num_train, num_validation, min_size, max_size): every parameter goes
+  into the name, so different ones never share files. Raises ValueError naming the key for
+  sizes below `min_side` or out of order and for a negative seed (`dataset` names the
+  dataset in that message)."""
+  synthetic = config.data.synthetic
+  params = dict(seed=config.seed, num_train=synthetic.num_train,
+                num_validation=synthetic.num_validation, min_size=synthetic.min_size,
+                max_size=synthetic.max_size)
+  if not min_side <= params['min_size'] <= params['max_size']:
+    raise ValueError(f'config.data.synthetic.min_size={params["min_size"]} and max_size='
+                     f'{params["max_size"]}: need {min_side} <= min_size <= max_size')
+  if params['seed'] < 0:
+    raise ValueError(f'config.seed={params["seed"]}: {dataset} needs a seed >= 0')
+  name = ('seed{seed}-train{num_train}-val{num_validation}-size{min_size}-{max_size}'
+          .format(**params))
+  return name, params
+
+
 @dataclasses.dataclass(eq=False)
 class SyntheticContextConfig(tfds.core.BuilderConfig):
   """Generation parameters; `for_config` puts all of them into the name (the folder on disk)."""
@@ -211,17 +231,7 @@ class SyntheticContextConfig(tfds.core.BuilderConfig):
 
   @classmethod
   def for_config(cls, config) -> 'SyntheticContextConfig':
-    synthetic = config.data.synthetic
-    params = dict(seed=config.seed, num_train=synthetic.num_train,
-                  num_validation=synthetic.num_validation, min_size=synthetic.min_size,
-                  max_size=synthetic.max_size)
-    if not 1 <= params['min_size'] <= params['max_size']:
-      raise ValueError(f'config.data.synthetic.min_size={params["min_size"]} and max_size='
-                       f'{params["max_size"]}: need 1 <= min_size <= max_size')
-    if params['seed'] < 0:
-      raise ValueError(f'config.seed={params["seed"]}: the synthetic dataset needs a seed >= 0')
-    name = ('seed{seed}-train{num_train}-val{num_validation}-size{min_size}-{max_size}'
-            .format(**params))
+    name, params = generation_params(config, min_side=1, dataset='the synthetic dataset')
     return cls(name=name, version=SyntheticContext.VERSION, **params)
 
 
