@@ -30,7 +30,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pspnet_jax import cli, distributed_flags
+from pspnet_jax import cli, distributed_flags, refine_flags
 from pspnet_jax.errors import MissingFile, UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -40,24 +40,18 @@ _INPUT = flags.DEFINE_string('input', None, 'Image file, folder (recursive) or g
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder (gray/, color/, overlay/, legend).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Clear the outputs of OUT first; needed when '
                                'another checkpoint or protocol wrote them.')
-_REFINE_WORKDIR = flags.DEFINE_string(
-    'refine_workdir', None, 'A CascadePSP run directory: refine every prediction with its '
-    '(latest) checkpoint before writing it (scene refinement).')
-_REFINE_CONFIG = flags.DEFINE_string(
-    'refine_config', None, "With --refine_workdir: its config, FILE.py[:VARIANT] or a .json "
-    "(default: its config.json), e.g. configs/cascadepsp.py.")
 flags.adopt_module_key_flags(distributed_flags)   # --help lists the multi-process flags
+flags.adopt_module_key_flags(refine_flags)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _REFINE_CONFIG.value and not _REFINE_WORKDIR.value:
-    raise UserError('--refine_config is the config of --refine_workdir: give both')
+  refine_flags.check()
   # Imported here so that --help and flag errors do not pay for importing JAX and TF.
   # pylint: disable=import-outside-toplevel
   import jax
-  from pspnet_jax import checkpoint, configuration, inference, predictions, scene_refinement
+  from pspnet_jax import checkpoint, configuration, inference, predictions
   from pspnet_jax.data import registry
   # pylint: enable=import-outside-toplevel
 
@@ -75,9 +69,7 @@ def main(argv):
     raise UserError(str(error)) from error
   try:
     loaded = checkpoint.load_model(config, _WORKDIR.value, _STEP.value)
-    refiner = scene_refinement.SceneRefiner.from_workdir(
-        _REFINE_WORKDIR.value, _REFINE_CONFIG.value,
-        dataset=config.data.name) if _REFINE_WORKDIR.value else None
+    refiner = refine_flags.scene_refiner(config.data.name)
   except checkpoint.DamagedCheckpoint as error:   # a fault of a workdir, named in one line
     logging.error('%s', error)
     sys.exit(1)

@@ -14,8 +14,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = ('pspnet_jax.main', 'pspnet_jax.convert', 'pspnet_jax.benchmark',
             'pspnet_jax.evaluate', 'pspnet_jax.predict', 'pspnet_jax.refine',
             'pspnet_jax.data.prepare',
-            # The commands' shared multi-process flags: defining flags is its purpose.
-            'pspnet_jax.distributed_flags')
+            # The commands' shared multi-process and scene-refinement flags: defining flags is
+            # their purpose.
+            'pspnet_jax.distributed_flags', 'pspnet_jax.refine_flags')
 # Imported only by tests and benchmarks, where torch is installed.
 NEEDS_TORCH = ('pspnet_jax.torch_reference',)
 
